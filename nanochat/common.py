@@ -1,0 +1,210 @@
+"""
+Plumbing every stage shares: where artifacts live, which device and compute dtype to use,
+distributed init from torchrun's environment, rank-0 printing and logging, wandb (or a no-op),
+command-line flags in both spellings, one-line user errors, and the JSON result line.
+"""
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+# torch is imported inside the functions that need it, so that data and tokenizer tools start fast.
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, no network). Scripts print it as one line."""
+
+
+def get_base_dir():
+    """Every artifact (data, tokenizer, checkpoints, reports) lives under $NANOCHAT_BASE_DIR."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+# -----------------------------------------------------------------------------
+# Device and compute dtype
+
+def autodetect_device_type():
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _matmul_seconds(dtype, n=512, reps=8):
+    import torch
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up the kernel
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return time.perf_counter() - t0
+
+
+@functools.cache
+def get_compute_dtype(device_type):
+    """
+    The one place the compute dtype is decided. Returns (dtype, reason).
+    Weights stay fp32 masters; activations and matmuls run in this dtype (no autocast).
+    """
+    import torch
+    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    forced = os.environ.get("NANOCHAT_DTYPE")
+    if forced:
+        if forced not in names:
+            raise UserError(f"NANOCHAT_DTYPE={forced!r} is not one of {', '.join(names)}: fix or unset it")
+        return names[forced], f"NANOCHAT_DTYPE={forced}"
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return torch.bfloat16, f"CUDA SM {major}.{minor} has native bf16"
+        return torch.float32, f"CUDA SM {major}.{minor} < 8.0 has no fast bf16 (NANOCHAT_DTYPE=float16 to opt in)"
+    if device_type == "cpu":
+        # CPUs with native bf16 (avx512_bf16, AMX) run bf16 matmuls ~2x faster than fp32; others emulate it slowly.
+        # A 30 ms measurement settles it better than parsing CPU flags.
+        fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
+        speedup = fp32 / bf16
+        if speedup >= 1.3:
+            return torch.bfloat16, f"cpu: bf16 matmul measured {speedup:.1f}x faster than fp32"
+        return torch.float32, f"cpu: bf16 matmul measured only {speedup:.1f}x vs fp32"
+    return torch.float32, f"{device_type}: fp32 by default (NANOCHAT_DTYPE=bfloat16 saves memory, runs slower)"
+
+
+# -----------------------------------------------------------------------------
+# Distributed
+
+def is_ddp_requested():
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from torchrun's environment; (False, 0, 0, 1) for plain python."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=""):
+    """Pick the device, seed, and join the process group when launched by torchrun (NCCL on CUDA, gloo otherwise)."""
+    import torch
+    import torch.distributed as dist
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device-type={device_type!r} is not one of cuda, mps, cpu (or '' to autodetect)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type=cuda but torch sees no CUDA GPU: drop the flag to autodetect")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device-type=mps but MPS is not available: drop the flag to autodetect")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls left
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+    else:
+        device = torch.device(device_type)
+    setup_logging(rank)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Printing, logging, wandb
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def setup_logging(rank=0):
+    """INFO on rank 0, warnings only elsewhere, so an 8-GPU run does not print everything 8 times."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+class DummyWandb:
+    """Stands in for a wandb run when --run=dummy (the default) or on non-zero ranks: nothing needs an account."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run, project, config, master_process=True):
+    if run == "dummy" or not master_process:
+        return DummyWandb()
+    import wandb  # imported lazily: only real runs need it
+    return wandb.init(project=project, name=run, config=config)
+
+
+# -----------------------------------------------------------------------------
+# Flags and results
+
+class Flags(argparse.ArgumentParser):
+    """
+    argparse that takes every flag in both spellings (--device-batch-size and --device_batch_size),
+    answers a bad flag in one line, and ignores the '--' that torchrun users put before script flags.
+    Declare flags in kebab-case.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] == ["--"]:
+            args = args[1:]
+        normalized = []
+        for a in args:
+            if a.startswith("--") and len(a) > 2:
+                name, eq, value = a.partition("=")
+                a = name.replace("_", "-") + eq + value
+            normalized.append(a)
+        return super().parse_args(normalized, namespace)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def print_result(stage, **fields):
+    """The last stdout line of every script: one JSON object that run scripts and tools read (rank 0 only)."""
+    print0(json.dumps({"stage": stage, **fields}))
+
+
+def run_cli(main):
+    """Run a script's main(); a UserError ends the process with one clear line instead of a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -1,0 +1,160 @@
+"""
+The pretraining data loader: reads shards, tokenizes in background threads, and packs documents into rows.
+
+Packing is BOS-aligned best-fit: every row starts with a document's BOS and is filled by repeatedly taking the
+largest buffered document that fits entirely; only when none fits is the shortest one cropped to fill the row.
+No padding, so every token is trained on; the price is the cropped tails (~35% of tokens at T=2048, vs ~39% for
+plain greedy cropping). Rank r reads row groups r, r+W, r+2W... so ranks never see the same document.
+
+Resume is exact: the state yielded with each batch holds the reading position and the identities of the buffered
+documents, and a loader started from it yields exactly the batches an uninterrupted loader would have yielded next.
+"""
+
+import bisect
+import queue
+import threading
+from collections import defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.common import UserError, get_dist_info
+from nanochat.dataset import split_files
+
+
+def document_chunks(files, position, rank, world_size, chunk_docs):
+    """
+    Yield (doc_ids, texts, next_position) forever, epoch after epoch. A doc id is (pq_idx, rg_idx, row);
+    a position is (epoch, pq_idx, rg_idx, row) of the next document to read.
+    """
+    epoch, pq_start, rg_start, row_start = position
+    while True:
+        full_epoch = (pq_start, rg_start, row_start) == (0, rank, 0)
+        produced = False
+        for pq_idx in range(pq_start, len(files)):
+            pf = pq.ParquetFile(files[pq_idx])
+            for rg_idx in range(rg_start, pf.num_row_groups, world_size):
+                texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+                for start in range(row_start, len(texts), chunk_docs):
+                    end = min(start + chunk_docs, len(texts))
+                    after = (epoch, pq_idx, rg_idx, end) if end < len(texts) else (epoch, pq_idx, rg_idx + world_size, 0)
+                    yield [(pq_idx, rg_idx, r) for r in range(start, end)], texts[start:end], after
+                    produced = True
+                row_start = 0
+            rg_start = rank
+        if full_epoch and not produced:
+            raise UserError(f"rank {rank} of {world_size} got no documents: the split has fewer row groups "
+                            f"({len(files)} shards) than ranks; add data or use fewer ranks")
+        epoch, pq_start = epoch + 1, 0
+
+
+def _tokenize_ahead(chunks, tokenizer, threads, out, stop):
+    """
+    Background thread: tokenize chunks (tiktoken releases the GIL) and queue them in order.
+    It ends when the loader is closed or the main thread exits, so an abandoned loader never blocks shutdown.
+    """
+    def running():
+        return not stop.is_set() and threading.main_thread().is_alive()
+
+    def put(item):
+        while running():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+    try:
+        bos = tokenizer.get_bos_token_id()
+        for doc_ids, texts, after in chunks:
+            if not running():
+                return
+            tokens = tokenizer.encode(texts, prepend=bos, num_threads=threads)
+            put((doc_ids, [np.array(t, dtype=np.int32) for t in tokens], after))
+    except BaseException as e:  # hand any failure to the consumer, which re-raises it
+        put(e)
+
+
+def _restore_buffer(files, doc_ids, tokenizer):
+    """Re-read and re-tokenize the buffered documents named in a saved state, in their saved order."""
+    wanted = defaultdict(list)
+    for pq_idx, rg_idx, row in doc_ids:
+        wanted[(pq_idx, rg_idx)].append(row)
+    texts = {}
+    for (pq_idx, rg_idx), rows in wanted.items():
+        column = pq.ParquetFile(files[pq_idx]).read_row_group(rg_idx, columns=["text"]).column("text")
+        for row in rows:
+            texts[(pq_idx, rg_idx, row)] = column[row].as_py()
+    tokens = tokenizer.encode([texts[tuple(i)] for i in doc_ids], prepend=tokenizer.get_bos_token_id())
+    return [np.array(t, dtype=np.int32) for t in tokens]
+
+
+def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, tokenizer_threads=4,
+                                       tokenizer_batch_size=128, buffer_size=1000, data_dir=None, rank=None, world_size=None):
+    """
+    Yield (inputs, targets, state) forever: inputs and targets are (B, T) int64 on device, targets shifted by one.
+    Pass a yielded state as resume_state to continue right after that batch. rank/world_size default to torchrun's.
+    """
+    if rank is None:
+        _, rank, _, world_size = get_dist_info()
+    device = torch.device(device)
+    files = split_files(split, data_dir)
+    position, buffered_ids = (1, 0, rank, 0), []
+    if resume_state is not None:
+        if (resume_state["rank"], resume_state["world_size"]) != (rank, world_size):
+            raise UserError(f"the loader state is for rank {resume_state['rank']} of {resume_state['world_size']}, "
+                            f"not rank {rank} of {world_size}: resume with the same number of processes")
+        position = tuple(resume_state[k] for k in ("epoch", "pq_idx", "rg_idx", "row"))
+        buffered_ids = [tuple(i) for i in resume_state["buffer"]]
+
+    # the buffer: documents sorted by length (ties in arrival order), so best-fit is a binary search
+    docs = _restore_buffer(files, buffered_ids, tokenizer) if buffered_ids else []
+    lengths = [len(d) for d in docs]
+    if lengths != sorted(lengths):
+        raise UserError("the loader state does not match the shards on disk (they changed since it was saved)")
+
+    chunks = queue.Queue(maxsize=4)
+    stop = threading.Event()
+    reader = document_chunks(files, position, rank, world_size, tokenizer_batch_size)
+    threading.Thread(target=_tokenize_ahead, args=(reader, tokenizer, tokenizer_threads, chunks, stop)).start()
+
+    def refill():
+        nonlocal position
+        while len(docs) < buffer_size:
+            item = chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            new_ids, new_docs, position = item
+            for doc_id, doc in zip(new_ids, new_docs):
+                i = bisect.bisect_right(lengths, len(doc))
+                lengths.insert(i, len(doc))
+                docs.insert(i, doc)
+                buffered_ids.insert(i, doc_id)
+
+    row_len = T + 1
+    try:
+        while True:
+            rows = np.empty((B, row_len), dtype=np.int64)
+            for b in range(B):
+                filled = 0
+                while filled < row_len:
+                    refill()
+                    room = row_len - filled
+                    i = bisect.bisect_right(lengths, room) - 1  # the largest document that fits entirely
+                    if i < 0:
+                        i = 0  # none fits: crop the shortest to fill the row exactly
+                    doc = docs.pop(i)[:room]
+                    del lengths[i], buffered_ids[i]
+                    rows[b, filled:filled + len(doc)] = doc
+                    filled += len(doc)
+            both = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # (2, B, T): inputs, targets
+            if device.type == "cuda":
+                # one pinned host buffer, one async copy; the caching host allocator keeps it alive until the copy ends
+                both = both.pin_memory().to(device, non_blocking=True)
+            elif device.type != "cpu":
+                both = both.to(device)
+            state = {"epoch": position[0], "pq_idx": position[1], "rg_idx": position[2], "row": position[3],
+                     "rank": rank, "world_size": world_size, "buffer": [list(i) for i in buffered_ids]}
+            yield both[0], both[1], state
+    finally:
+        stop.set()

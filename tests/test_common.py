@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from nanochat import common
+from nanochat.common import Flags, UserError
+
+
+def make_parser():
+    parser = Flags(prog="demo")
+    parser.add_argument("--device-batch-size", type=int, default=32)
+    parser.add_argument("--run", default="dummy")
+    return parser
+
+
+@pytest.mark.parametrize("argv", [["--device-batch-size=8"], ["--device_batch_size=8"], ["--device_batch_size", "8"],
+                                  ["--", "--device-batch-size", "8"]])
+def test_flags_take_both_spellings_and_torchrun_separator(argv):
+    assert make_parser().parse_args(argv).device_batch_size == 8
+
+
+def test_flag_values_keep_their_underscores():
+    assert make_parser().parse_args(["--run=my_run_1"]).run == "my_run_1"
+
+
+def test_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        make_parser().parse_args(["--device-batch-sise=8"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "demo: error: unrecognized arguments: --device-batch-sise=8 (see --help)\n"
+
+
+def test_dtype_override_and_its_validation(monkeypatch):
+    common.get_compute_dtype.cache_clear()
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    assert common.get_compute_dtype("cpu") == (torch.float32, "NANOCHAT_DTYPE=float32")
+    common.get_compute_dtype.cache_clear()
+    monkeypatch.setenv("NANOCHAT_DTYPE", "fp8")
+    with pytest.raises(UserError, match="NANOCHAT_DTYPE='fp8' is not one of"):
+        common.get_compute_dtype("cpu")
+    common.get_compute_dtype.cache_clear()
+
+
+def test_cpu_dtype_is_measured_and_explained(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    common.get_compute_dtype.cache_clear()
+    dtype, reason = common.get_compute_dtype("cpu")
+    common.get_compute_dtype.cache_clear()
+    assert dtype in (torch.bfloat16, torch.float32) and "measured" in reason
+
+
+def test_compute_init_on_cpu_and_bad_device():
+    ddp, rank, local_rank, world_size, device = common.compute_init("cpu")
+    assert (ddp, rank, local_rank, world_size, device.type) == (False, 0, 0, 1, "cpu")
+    with pytest.raises(UserError, match="not one of cuda, mps, cpu"):
+        common.compute_init("tpu")
+
+
+def test_base_dir_and_dummy_wandb(base_dir):
+    assert common.get_base_dir() == str(base_dir) and base_dir.is_dir()
+    run = common.init_wandb("dummy", "nanochat", {"a": 1})
+    run.log({"loss": 1.0})
+    run.finish()
+    assert isinstance(common.init_wandb("real-name", "nanochat", {}, master_process=False), common.DummyWandb)
+
+
+def test_result_line_is_json(capsys):
+    common.print_result("demo", loss=1.5, path="/x")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"stage": "demo", "loss": 1.5, "path": "/x"}
+
+
+def test_user_error_exits_with_one_line(capsys):
+    def main():
+        raise UserError("no tokenizer: run python -m scripts.tok_train first")
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(main)
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "error: no tokenizer: run python -m scripts.tok_train first\n"

@@ -1,0 +1,103 @@
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import make_docs
+from nanochat import dataset
+from nanochat.common import UserError
+from nanochat.dataloader import document_chunks, tokenizing_distributed_data_loader
+
+B, T = 4, 64
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    docs = make_docs(1200, seed=7, min_words=2, max_words=60)
+    out = tmp_path / "shards"
+    out.mkdir()
+    # two train shards (several row groups each) and a val shard
+    dataset.write_shard(docs[:500], str(out / dataset.shard_name(0)))
+    dataset.write_shard(docs[500:1100], str(out / dataset.shard_name(1)))
+    dataset.write_shard(docs[1100:], str(out / dataset.shard_name(2)))
+    return str(out)
+
+
+def loader(tokenizer, data_dir, batch_size=B, **kwargs):
+    kwargs = {"buffer_size": 50, "tokenizer_batch_size": 16, "data_dir": data_dir, **kwargs}
+    return tokenizing_distributed_data_loader(tokenizer, batch_size, T, "train", **kwargs)
+
+
+def segments(tokenizer, row):
+    """Split a row into its documents (each starts with BOS) and decode them."""
+    bos = tokenizer.get_bos_token_id()
+    starts = [i for i, t in enumerate(row) if t == bos]
+    return [tokenizer.decode(row[a + 1:b]) for a, b in zip(starts, starts[1:] + [len(row)])]
+
+
+def test_rows_are_bos_aligned_and_fully_packed(tokenizer, data_dir):
+    it = loader(tokenizer, data_dir)
+    for _ in range(10):
+        x, y, state = next(it)
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert (x[:, 0] == tokenizer.get_bos_token_id()).all()
+        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+        assert int(x.max()) < tokenizer.get_vocab_size() and int(x.min()) >= 0  # no padding ids
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+            docs = segments(tokenizer, row)
+            # best fit: only the row's last document may be cropped; all the others are whole
+            assert all(d.startswith("doc") and d.endswith(" END.") for d in docs[:-1])
+    json.dumps(state)  # the state goes into a checkpoint's JSON meta
+
+
+def test_ranks_read_disjoint_documents(tokenizer, data_dir):
+    files = dataset.split_files("train", data_dir)
+    seen = []
+    for rank in range(3):
+        ids = []
+        for doc_ids, _, after in document_chunks(files, (1, 0, rank, 0), rank, 3, chunk_docs=16):
+            if after[0] > 1:
+                break  # one full epoch
+            ids += doc_ids
+        seen.append(set(ids))
+    assert all(seen) and not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert sum(map(len, seen)) == 1100
+
+    # and the same through the loader: the document markers in the batches never overlap between ranks
+    markers = []
+    for rank in range(2):
+        it = loader(tokenizer, data_dir, rank=rank, world_size=2)
+        found = set()
+        for _ in range(5):
+            x, _, _ = next(it)
+            for row in x.tolist():
+                found |= {m for d in segments(tokenizer, row) for m in re.findall(r"^doc(\d{5})", d)}
+        markers.append(found)
+    assert markers[0] and markers[1] and not markers[0] & markers[1]
+
+
+@pytest.mark.parametrize("resume_after", [0, 7, 23])
+def test_resumed_loader_equals_uninterrupted(tokenizer, data_dir, resume_after):
+    uninterrupted = loader(tokenizer, data_dir, batch_size=32)
+    batches, states = [], []
+    for _ in range(resume_after + 30):  # 30+ batches cross the epoch boundary (1100 documents)
+        x, y, state = next(uninterrupted)
+        batches.append((x, y))
+        states.append(json.loads(json.dumps(state)))
+    assert states[resume_after]["epoch"] < states[-1]["epoch"]  # the resumed stretch crosses an epoch boundary
+    resumed = loader(tokenizer, data_dir, batch_size=32, resume_state=states[resume_after])
+    for x, y in batches[resume_after + 1:]:
+        rx, ry, _ = next(resumed)
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+
+
+def test_resume_with_another_world_size_is_refused(tokenizer, data_dir):
+    _, _, state = next(loader(tokenizer, data_dir))
+    with pytest.raises(UserError, match="same number of processes"):
+        next(loader(tokenizer, data_dir, resume_state=state, rank=0, world_size=2))
+
+
+def test_more_ranks_than_row_groups_is_a_clear_error(tokenizer, data_dir):
+    with pytest.raises(UserError, match="fewer row groups"):
+        next(tokenizing_distributed_data_loader(tokenizer, B, T, "val", data_dir=data_dir, rank=9, world_size=10))
