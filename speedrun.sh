@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The $100 tier: the whole nanochat pipeline on one 8-GPU node. It installs what it needs.
-#   bash speedrun.sh            (NPROC=4 bash speedrun.sh on fewer GPUs; gradient accumulation compensates)
+#   bash speedrun.sh
 # Stages so far: data -> tokenizer. Pretraining, chat finetuning, evaluation and the report join as they land.
 set -euo pipefail
 cd "$(dirname "$0")"

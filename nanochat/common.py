@@ -118,6 +118,8 @@ def compute_init(device_type=""):
     else:
         device = torch.device(device_type)
     setup_logging(rank)
+    dtype, reason = get_compute_dtype(device_type)
+    print0(f"device: {device} | world size: {world_size} | compute dtype: {dtype} ({reason})")
     return ddp, rank, local_rank, world_size, device
 
 

@@ -76,6 +76,9 @@ class RustBPETokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
+    def special_token_ids(self):
+        return {self.enc.encode_single_token(name) for name in self.enc.special_tokens_set}
+
     @lru_cache(maxsize=32)
     def encode_special(self, text):
         return self.enc.encode_single_token(text)
@@ -88,7 +91,7 @@ class RustBPETokenizer:
 
     def token_bytes(self):
         """Each token's length in raw UTF-8 bytes (0 for special tokens): bits-per-byte divides by these."""
-        specials = set(self.enc._special_tokens.values())
+        specials = self.special_token_ids()
         return [0 if i in specials else len(self.enc.decode_single_token_bytes(i)) for i in range(self.get_vocab_size())]
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
@@ -195,7 +198,7 @@ class RustBPETokenizer:
     def visualize_tokenization(self, ids, mask, with_token_id=False):
         """A terminal picture of tokens: green = supervised (mask 1), red = not; specials in bold."""
         green, red, bold, reset = "\033[92m", "\033[91m", "\033[1m", "\033[0m"
-        specials = set(self.enc._special_tokens.values())
+        specials = self.special_token_ids()
         pieces = []
         for token_id, m in zip(ids, mask):
             text = self.id_to_token(token_id)
