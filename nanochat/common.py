@@ -77,6 +77,29 @@ def get_compute_dtype(device_type):
     return torch.float32, f"{device_type}: fp32 by default (NANOCHAT_DTYPE=bfloat16 saves memory, runs slower)"
 
 
+# Dense bf16 tensor-core peak FLOP/s by GPU name, for MFU. Unknown devices (and CPUs) report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
+              "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def get_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    import torch
+    name = torch.cuda.get_device_name(device)
+    matches = [k for k in PEAK_FLOPS if k in name]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def peak_memory_mib(device):
+    """Peak GPU memory allocated on CUDA; the process's peak resident memory elsewhere."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 # -----------------------------------------------------------------------------
 # Distributed
 

@@ -123,7 +123,10 @@ def fetch(url, path, attempts=5, backoff=2.0, timeout=30, check=is_complete_shar
         time.sleep(wait)
 
 
-def check_reachable(url, timeout=10):
+OFFLINE_HINT = "or build shards offline with python -m nanochat.dataset --local PATH"
+
+
+def check_reachable(url, timeout=10, hint=OFFLINE_HINT):
     """Fail fast, in one line, when the server cannot be reached at all (offline, DNS, firewall)."""
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
@@ -133,8 +136,7 @@ def check_reachable(url, timeout=10):
     except (urllib.error.URLError, socket.timeout, OSError) as e:
         reason = getattr(e, "reason", e)
         host = urllib.parse.urlsplit(url).netloc
-        raise UserError(f"cannot reach {host} ({reason}): check your internet connection, or build shards offline "
-                        "with python -m nanochat.dataset --local PATH") from None
+        raise UserError(f"cannot reach {host} ({reason}): check your internet connection, {hint}") from None
 
 
 def download(num_files, dataset="climbmix", base_url=None, out_dir=None, workers=4, attempts=5, backoff=2.0):

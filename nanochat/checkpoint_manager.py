@@ -1,0 +1,118 @@
+"""
+Checkpoints: under $NANOCHAT_BASE_DIR/<stage>_checkpoints/<tag>/ each step has
+    model_{step:06d}.pt          the model's state_dict (written by rank 0)
+    optim_{step:06d}_rank{r}.pt  each rank's optimizer shard (sharded state: every rank writes its own)
+    meta_{step:06d}.json         model config, flags, step, loader states (one per rank), loop state
+Every file is written to a temporary name and renamed, and the meta file is written last: a checkpoint exists
+only once its meta does, so a process killed mid-save leaves the previous checkpoint as the latest valid one.
+"""
+
+import glob
+import json
+import os
+import re
+
+import torch
+
+from nanochat.common import UserError, get_base_dir
+from nanochat.gpt import GPT, GPTConfig
+
+SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+MAKERS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
+
+
+def _atomic_torch_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, rank=0):
+    """Call on every rank (each saves its optimizer shard); wrap in a barrier so meta lands after all shards."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if optimizer_state is not None:
+        _atomic_torch_save(optimizer_state, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"))
+    if rank == 0:
+        _atomic_torch_save(model_state, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
+
+
+def save_meta(checkpoint_dir, step, meta):
+    """Rank 0, after every rank has saved: this file is what makes the checkpoint exist."""
+    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def checkpoint_steps(checkpoint_dir):
+    """Steps with a complete checkpoint (a meta file), ascending."""
+    steps = [int(m.group(1)) for p in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
+             if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(p)))]
+    return sorted(steps)
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json")) as f:
+        meta = json.load(f)
+    model_state = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
+    optimizer_state = None
+    if load_optimizer:
+        path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+        if not os.path.exists(path):
+            raise UserError(f"{path} is missing: resume with the same number of processes that saved the checkpoint")
+        optimizer_state = torch.load(path, map_location=device)
+    return model_state, optimizer_state, meta
+
+
+def build_model(checkpoint_dir, step, device, compute_dtype, phase="eval"):
+    """A GPT with the checkpoint's weights; phase 'train' or 'eval' sets the module mode."""
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype=compute_dtype)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (rotary tables) and the embedding dtypes; the weights are overwritten next
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    model.load_state_dict(model_state, strict=True, assign=True)
+    model.cast_embeddings()  # the saved embeddings carry the dtype of the run that saved them
+    model.train(phase == "train")
+    return model, meta
+
+
+def checkpoints_root(source):
+    if source not in SOURCES:
+        raise UserError(f"unknown checkpoint source {source!r}: use one of {', '.join(SOURCES)}")
+    return os.path.join(get_base_dir(), SOURCES[source])
+
+
+def find_checkpoint(source, model_tag=None, step=None):
+    """(checkpoint_dir, step): the largest d<N> tag and its last step unless given; one clear error otherwise."""
+    root = checkpoints_root(source)
+    how = f"run python -m {MAKERS[source]} first"
+    tags = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    tags = [t for t in tags if checkpoint_steps(os.path.join(root, t))]
+    if not tags:
+        raise UserError(f"no {source} checkpoints in {root}: {how}")
+    if model_tag is None:
+        depth = lambda t: int(t[1:]) if re.fullmatch(r"d\d+", t) else -1
+        model_tag = max(tags, key=lambda t: (depth(t), t))
+    elif model_tag not in tags:
+        raise UserError(f"no {source} checkpoint tagged {model_tag!r} in {root} (found: {', '.join(tags)})")
+    checkpoint_dir = os.path.join(root, model_tag)
+    steps = checkpoint_steps(checkpoint_dir)
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"{checkpoint_dir} has no step {step} (found: {', '.join(map(str, steps))})")
+    return checkpoint_dir, step
+
+
+def load_model(source, device, compute_dtype, phase="eval", model_tag=None, step=None):
+    """Load a model and its tokenizer from base|mid|sft|rl checkpoints. Returns (model, tokenizer, meta)."""
+    from nanochat.tokenizer import get_tokenizer
+    checkpoint_dir, step = find_checkpoint(source, model_tag, step)
+    model, meta = build_model(checkpoint_dir, step, device, compute_dtype, phase)
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model was trained with "
+                        f"{model.config.vocab_size}: the tokenizer was retrained since; retrain the model or restore it")
+    return model, tokenizer, meta

@@ -1,0 +1,382 @@
+"""
+The GPT model. Notable choices (the reasons, measured at d12-d24, are in the reference's experiment log):
+- parameter-free RMSNorm after the embedding, before every sub-block and before the head; no biases, no dropout
+- rotary embeddings (base 100k, rotate-half), then QK-norm, then q and k sharpened by 1.2
+- ReLU² MLP at 4x width; grouped-query attention (n_kv_head); untied embedding and head
+- gated value embeddings (ResFormer) on alternating layers, always including the last
+- per-layer residual and x0 scalars (modded-nanogpt), smear (the previous token's embedding mixed in), backout
+- sliding-window attention by pattern ("SSSL": 3 short, 1 long; the last layer is always long)
+- logits soft-capped at 15, in fp32
+Weights are fp32 masters; compute runs in the dtype passed in (bf16 where the hardware has it), by casting
+inside our Linear rather than through autocast. Which mixer each block uses comes from config.mixer_pattern.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # tiled over attention layers; S = a quarter of the context, L = all of it
+    mixer_pattern: str = "A"  # tiled over layers: which sequence mixer each block uses (A = attention)
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # no learnable gain
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear whose fp32 master weight is cast to the input's dtype: our replacement for autocast."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate-half RoPE on (B, T, H, D); rotates by -theta, the transpose of the textbook form, to the same effect."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def has_ve(layer_idx, n_layer):
+    """Value embeddings on alternating layers, always including the last."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def window_sizes(config):
+    """Per layer, how many past tokens a query may attend to: L = the whole context, S = a quarter, rounded up to 128."""
+    long_window = config.sequence_len
+    short_window = -(-config.sequence_len // 4 // 128) * 128
+    pattern = config.window_pattern.upper()
+    if not pattern or set(pattern) - {"S", "L"}:
+        raise ValueError(f"window pattern {config.window_pattern!r} must be a string of S and L")
+    sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(config.n_layer)]
+    sizes[-1] = long_window  # the last layer always sees everything
+    return sizes
+
+
+def mixer_kinds(config):
+    pattern = config.mixer_pattern.upper()
+    if not pattern or set(pattern) - set(MIXERS):
+        raise ValueError(f"mixer pattern {config.mixer_pattern!r} must be a string of {''.join(MIXERS)}")
+    return [pattern[i % len(pattern)] for i in range(config.n_layer)]
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+_block_masks = {}
+
+
+def _sliding_window_flex(q, k, v, window):
+    """FlexAttention with a sliding-window causal block mask: skips the blocks the window excludes (GPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    T = q.size(2)
+    key = (T, window, q.device)
+    if key not in _block_masks:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
+        _block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+    return flex_attention(q, k, v, block_mask=_block_masks[key], enable_gqa=q.size(1) != k.size(1))
+
+
+def attention(q, k, v, window, q_offset=0, use_flex=None):
+    """
+    Causal attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D), where query i sits at position q_offset + i
+    and key j at position j; each query sees keys no further back than `window`.
+    """
+    Tq, Tk = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
+    if q_offset == 0 and Tq == Tk:
+        if window >= Tq:  # plain causal: SDPA's fused kernels
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if use_flex if use_flex is not None else (q.is_cuda and torch.compiler.is_compiling()):
+            return _sliding_window_flex(q, k, v, window)
+    # An explicit mask for windows and for the KV cache. (SDPA's is_causal aligns the triangle top-left,
+    # which is wrong when there are fewer queries than keys.)
+    q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(Tk, device=q.device).unsqueeze(0)
+    mask = (k_pos <= q_pos) & (q_pos - k_pos <= window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.ve_gate = Linear(12, self.n_kv_head) if has_ve(layer_idx, config.n_layer) else None
+
+    @torch.no_grad()
+    def init_weights(self, n_embd):
+        s = 3 ** 0.5 * n_embd ** -0.5  # uniform in (-s, s) has std 1/sqrt(n_embd)
+        for w in (self.c_q.weight, self.c_k.weight, self.c_v.weight):
+            w.uniform_(-s, s)
+        self.c_proj.weight.zero_()  # each block starts as the identity
+        if self.ve_gate is not None:
+            self.ve_gate.weight.uniform_(0, 0.02)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual: mix in a per-token value embedding through a per-head gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm, then sharper attention than 1/sqrt(d) alone
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        offset = 0
+        if kv_cache is not None:
+            offset = kv_cache.pos
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+        y = attention(q, k, v, window, q_offset=offset)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    @torch.no_grad()
+    def init_weights(self, n_embd):
+        s = 3 ** 0.5 * n_embd ** -0.5
+        self.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
+        self.c_proj.weight.zero_()
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+MIXERS = {"A": CausalSelfAttention}
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx, kind):
+        super().__init__()
+        self.mixer = MIXERS[kind](config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        x = x + self.mixer(norm(x), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+# -----------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    def __init__(self, config, compute_dtype=torch.float32, pad_vocab_size_to=64):
+        """
+        Build on the meta device, then to_empty(device) and init_weights(): values set here are placeholders.
+        The vocabulary is padded to a multiple of 64 for the embedding and head; logits are cropped back.
+        """
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.windows = window_sizes(config)
+        padded_vocab = -(-config.vocab_size // pad_vocab_size_to) * pad_vocab_size_to
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(padded_vocab, config.n_embd),
+            "h": nn.ModuleList([Block(config, i, kind) for i, kind in enumerate(mixer_kinds(config))]),
+        })
+        self.lm_head = Linear(config.n_embd, padded_vocab)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(padded_vocab, kv_dim)
+                                           for i in range(config.n_layer) if has_ve(i, config.n_layer)})
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate = Linear(24, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        # rotary tables for 10x the training context, so generation can run past it
+        cos, sin = self._rotary_tables(10 * config.sequence_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, seq_len, base=100_000, device=None):
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        cos, sin = freqs.cos().to(self.compute_dtype), freqs.sin().to(self.compute_dtype)
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        n_layer, n_embd = self.config.n_layer, self.config.n_embd
+        self.transformer.wte.weight.normal_(0, 0.8)
+        self.lm_head.weight.normal_(0, 0.001)
+        for block in self.transformer.h:
+            block.mixer.init_weights(n_embd)
+            block.mlp.init_weights(n_embd)
+        s = 3 ** 0.5 * n_embd ** -0.5
+        for ve in self.value_embeds.values():
+            ve.weight.uniform_(-s, s)
+        depth_frac = torch.arange(n_layer, dtype=torch.float32) / max(n_layer - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        self.smear_gate.weight.uniform_(0, 0.02)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        self.cos, self.sin = self._rotary_tables(10 * self.config.sequence_len, device=self.cos.device)
+        self.cast_embeddings()
+
+    def cast_embeddings(self):
+        """Embeddings are stored in the compute dtype to save memory (not fp16: GradScaler cannot unscale fp16 grads)."""
+        dtype = torch.float32 if self.compute_dtype == torch.float16 else self.compute_dtype
+        self.transformer.wte.to(dtype)
+        self.value_embeds.to(dtype)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        T0 = 0 if kv_cache is None else kv_cache.pos
+        assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} tokens exceeds the rotary table ({self.cos.size(1)})"
+        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+
+        x = norm(self.transformer.wte(idx).to(self.compute_dtype))
+        # smear: mix the previous token's embedding into each position through a learned, input-dependent gate
+        prev = x[:, :-1]
+        if kv_cache is not None and T0 > 0:
+            prev = torch.cat([kv_cache.prev_embedding, prev], dim=1)
+        else:
+            prev = F.pad(prev, (0, 0, 1, 0))  # the first token has no predecessor
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
+        x = x + gate * prev
+
+        x0, x_backout = x, None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.windows[i], kv_cache)
+            if i == self.config.n_layer // 2:
+                x_backout = x
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)
+
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = 15 * torch.tanh(logits / 15)  # soft cap
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    # -------------------------------------------------------------------------
+    # Sizes and costs
+
+    def num_scaling_params(self):
+        """Parameter counts by kind; transformer matrices + lm_head are what the scaling laws count."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "scalars": sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_lambda,
+                                                self.backout_lambda, self.smear_gate.weight)),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is missing from the counts"
+        return counts
+
+    def num_matmul_params(self):
+        """Weights of every matmul (our Linear and anything derived from nn.Linear, e.g. an FP8 Linear)."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def _attention_terms(self, context):
+        """Per layer: (n_head * head_dim, the number of keys a query at this context length reads)."""
+        head_dim = self.config.n_embd // self.config.n_head
+        return [(self.config.n_head * head_dim, min(w, context)) for w in self.windows]
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention within each window."""
+        T = self.config.sequence_len
+        return 6 * self.num_matmul_params() + sum(12 * hd * w for hd, w in self._attention_terms(T))
+
+    def estimate_decode_flops(self, context):
+        """FLOPs to decode one token with `context` tokens already in the KV cache."""
+        return 2 * self.num_matmul_params() + sum(4 * hd * w for hd, w in self._attention_terms(context))
+
+    def estimate_prefill_flops(self, n):
+        """FLOPs to prefill an n-token prompt (the attention term counts the keys inside each window)."""
+        attn = 0
+        for hd, w in self._attention_terms(n):
+            attn += 4 * hd * (w * (w + 1) // 2 + (n - w) * w)
+        return 2 * self.num_matmul_params() * n + attn
+
+    # -------------------------------------------------------------------------
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+        """AdamW for embeddings, head and scalars (their lrs scaled by (d/768)^-0.5); Muon for every block matrix."""
+        from nanochat.optimizers import MuonAdamW
+        dscale = (self.config.n_embd / 768) ** -0.5
+        adam = dict(kind="adamw", eps=1e-10)
+        groups = [
+            dict(params=[self.lm_head.weight], lr=unembedding_lr * dscale, betas=(0.8, 0.96), weight_decay=0.01, **adam),
+            dict(params=[self.transformer.wte.weight], lr=embedding_lr * dscale, betas=(0.8, 0.995), weight_decay=0.001, **adam),
+            dict(params=list(self.value_embeds.parameters()), lr=0.5 * embedding_lr * dscale, betas=(0.8, 0.995), weight_decay=0.01, **adam),
+            dict(params=[self.resid_lambdas], lr=0.01 * scalar_lr, betas=(0.8, 0.95), weight_decay=0.05, **adam),
+            dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0, **adam),
+            dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2, betas=(0.8, 0.95), weight_decay=0.0, **adam),
+        ]
+        by_shape = {}
+        for p in self.transformer.h.parameters():
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        for shape in sorted(by_shape):
+            groups.append(dict(kind="muon", params=by_shape[shape], lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.9,
+                               weight_decay=weight_decay))
+        for g in groups:
+            g["initial_lr"] = g["lr"]  # schedules multiply this
+        return MuonAdamW(groups, ortho_dtype=torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive batch-1 sampling without a KV cache: a reference for the Engine, and for quick samples."""
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids[:, -self.config.sequence_len:])[:, -1, :]
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
+
+
+def build_model_config(depth, vocab_size, aspect_ratio=64, head_dim=128, max_seq_len=2048, window_pattern="SSSL",
+                       mixer_pattern="A"):
+    """The depth dial: width = depth * aspect_ratio rounded up to a whole number of heads of head_dim."""
+    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = model_dim // head_dim
+    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
+                     n_embd=model_dim, window_pattern=window_pattern, mixer_pattern=mixer_pattern)

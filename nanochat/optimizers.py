@@ -1,0 +1,197 @@
+"""
+One optimizer for the whole model, and the training schedules.
+
+MuonAdamW runs AdamW on the embeddings, the head and the scalars, and Muon on the matrices inside the blocks
+(stacked by shape, so each shape is one batched update). It also does the gradient synchronisation, so there is no
+DDP wrapper: per parameter it reduce-scatters the gradient, updates the slice this rank owns, and all-gathers the
+result (ZeRO-2: each rank keeps optimizer state for its slice only). Small tensors are all-reduced and updated
+everywhere. The same code runs on 1 rank (no communication), on N GPUs with NCCL and on N CPU processes with gloo.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+# Polar Express (arXiv 2505.16932): per-iteration (a, b, c) for 5 steps, safety 2e-2, cushion 2. It approximates
+# the polar factor faster than Muon's original fixed Newton-Schulz quintic (3.4445, -4.7750, 2.0315).
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def adamw_update(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """Decoupled AdamW (the same math as torch.optim.AdamW), in fp32 even for bf16 parameters."""
+    p32, g = p.float(), g.float()
+    p32.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.lerp_(g.square(), 1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
+    p32.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+    if p32 is not p:
+        p.copy_(p32)
+
+
+def orthogonalize(X, steps):
+    """Map each matrix of a (K, m, n) stack to (nearly) the nearest semi-orthogonal matrix."""
+    rows = X.size(-2)
+    # MuonEq (arXiv 2603.28254): equalise row norms first, to the matrix's mean row norm
+    X = X * (X.norm(dim=(-2, -1), keepdim=True) / rows ** 0.5) / (X.norm(dim=-1, keepdim=True) + 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)  # spectral norm <= 1 before iterating
+    wide = X.size(-2) <= X.size(-1)
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        if wide:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+        else:
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * (A @ A))
+    return X
+
+
+def muon_update(p, g, momentum_buffer, second_moment, lr, momentum, beta2, weight_decay, ns_steps, ortho_dtype):
+    """Muon on a (K, m, n) stack of same-shape matrices: p, g and the buffers are updated in place."""
+    m, n = p.shape[-2:]
+    momentum_buffer.lerp_(g, 1 - momentum)
+    g = g.lerp(momentum_buffer, momentum)  # Nesterov
+    update = orthogonalize(g.to(ortho_dtype), ns_steps).to(p.dtype)
+    # Muon+ (arXiv 2602.21545): a fixed Frobenius norm of sqrt(min(m, n))
+    update = update * (min(m, n) ** 0.5 / (update.norm(dim=(-2, -1), keepdim=True) + 1e-7))
+    # NorMuon (arXiv 2510.05491): per-row (or per-column) second moment, then restore the overall norm
+    norm_before = update.norm(dim=(-2, -1), keepdim=True)
+    second_moment.lerp_(update.square().mean(dim=-1 if m >= n else -2, keepdim=True), 1 - beta2)
+    update = update * second_moment.clamp_min(1e-10).rsqrt()
+    update = update * (norm_before / (update.norm(dim=(-2, -1), keepdim=True) + 1e-10))
+    lr = lr * max(1, m / n) ** 0.5  # wide-output matrices (c_fc) step larger
+    # cautious weight decay: decay only where the update pushes the same way
+    mask = (update * p) >= 0
+    p.sub_(lr * update + lr * weight_decay * p * mask)
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """
+    Param groups carry kind="adamw" (lr, betas, eps, weight_decay) or kind="muon" (lr, momentum, beta2, ns_steps,
+    weight_decay; all params of one shape). ortho_dtype: the dtype Muon orthogonalises in (bf16 where it is fast).
+    """
+
+    def __init__(self, param_groups, ortho_dtype=torch.float32):
+        super().__init__(param_groups, defaults={})
+        self.ortho_dtype = ortho_dtype
+        for group in self.param_groups:
+            if group["kind"] == "muon" and len({tuple(p.shape) for p in group["params"]}) != 1:
+                raise ValueError("a muon group must hold parameters of a single shape")
+
+    def _adamw(self, group, key, p, grad):
+        state = self.state[key]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        adamw_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1, beta2,
+                     group["eps"], group["weight_decay"])
+
+    def _muon(self, group, key, p, grad):
+        state = self.state[key]
+        if not state:
+            K, m, n = p.shape
+            state["momentum_buffer"] = torch.zeros_like(p)
+            state["second_momentum_buffer"] = p.new_zeros((K, m, 1) if m >= n else (K, 1, n))
+        muon_update(p, grad, state["momentum_buffer"], state["second_momentum_buffer"], group["lr"], group["momentum"],
+                    group["beta2"], group["weight_decay"], group["ns_steps"], self.ortho_dtype)
+
+    @torch.no_grad()
+    def step(self):
+        rank, world = _dist_info()
+        # 1) launch every gradient reduction at once, so communication overlaps
+        jobs = []
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if world == 1:
+                        jobs.append(("adamw", group, p, p.grad, None))
+                    elif p.numel() < 1024 or p.size(0) % world:
+                        jobs.append(("adamw", group, p, p.grad, dist.all_reduce(p.grad, async_op=True)))
+                    else:
+                        shard = p.grad.new_empty((p.size(0) // world, *p.shape[1:]))
+                        jobs.append(("adamw_shard", group, p, shard, dist.reduce_scatter_tensor(shard, p.grad, async_op=True)))
+            else:
+                params = group["params"]
+                grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+                chunk = -(-len(params) // world)  # each rank owns `chunk` whole matrices
+                grads = torch.cat([grads, grads.new_zeros((chunk * world - len(params), *grads.shape[1:]))])
+                if world == 1:
+                    jobs.append(("muon", group, params, grads, None))
+                else:
+                    owned = grads.new_empty((chunk, *grads.shape[1:]))
+                    jobs.append(("muon", group, params, owned, dist.reduce_scatter_tensor(owned, grads, async_op=True)))
+
+        # 2) as each reduction lands: average, update this rank's slice, launch its all-gather
+        gathers = []
+        for kind, group, target, grad, work in jobs:
+            if work is not None:
+                work.wait()
+                grad.div_(world)  # summed over ranks -> mean (gloo has no AVG on older torch)
+            if kind == "adamw":
+                self._adamw(group, target, target, grad)
+            elif kind == "adamw_shard":
+                rows = grad.size(0)
+                piece = target[rank * rows:(rank + 1) * rows]  # a view: updated in place
+                self._adamw(group, target, piece, grad)
+                gathers.append((dist.all_gather_into_tensor(target, piece.clone(), async_op=True), None, None))
+            else:
+                chunk = grad.size(0)
+                stacked = torch.stack(list(target))
+                stacked = torch.cat([stacked, stacked.new_zeros((chunk * world - len(target), *stacked.shape[1:]))])
+                mine = stacked[rank * chunk:(rank + 1) * chunk]
+                self._muon(group, target[0], mine, grad)
+                if world == 1:
+                    torch._foreach_copy_(list(target), list(mine[:len(target)]))
+                else:
+                    gathers.append((dist.all_gather_into_tensor(stacked, mine.clone(), async_op=True), stacked, target))
+
+        # 3) wait for the gathers and write the gathered matrices back
+        for work, stacked, params in gathers:
+            work.wait()
+            if params is not None:
+                torch._foreach_copy_(list(params), list(stacked[:len(params)]))
+
+
+# -----------------------------------------------------------------------------
+# Schedules (base training; the chat stages use lr_multiplier with their own settings)
+
+def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_lr_frac):
+    """Linear warmup, constant, then a linear warmdown over the last warmdown_ratio of training to final_lr_frac."""
+    warmdown_steps = round(warmdown_ratio * num_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step <= num_steps - warmdown_steps:
+        return 1.0
+    progress = (num_steps - step) / warmdown_steps  # 1 -> 0 across the warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step, num_steps, warmdown_ratio):
+    """0.85 -> 0.97 over the first 400 steps, then 0.97 -> 0.90 across the warmdown."""
+    warmdown_start = num_steps - round(warmdown_ratio * num_steps)
+    if step >= warmdown_start and num_steps > warmdown_start:
+        return 0.97 - 0.07 * (step - warmdown_start) / (num_steps - warmdown_start)
+    return 0.85 + 0.12 * min(step / 400, 1.0)
+
+
+def weight_decay_schedule(step, num_steps, weight_decay):
+    """Cosine from weight_decay to 0 over training."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * step / max(num_steps, 1)))

@@ -1,0 +1,62 @@
+"""
+A base model's bits per byte on the train and val shards, plus samples: greedy completions of fixed prompts and
+unconditioned samples from <|bos|>.
+
+    python -m scripts.base_loss --split-tokens=1048576
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
+"""
+
+from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_compute_dtype, print0, print_result,
+                             run_cli)
+from scripts.base_train import SAMPLE_PROMPTS
+
+
+def main(argv=None):
+    p = Flags(description="Bits per byte and samples of a base model.")
+    p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest d<N>)")
+    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens to evaluate per split")
+    p.add_argument("--num-samples", type=int, default=8, help="unconditioned samples (temperature 1, 128 tokens)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    args = p.parse_args(argv)
+    if args.device_batch_size < 1 or args.split_tokens < 1:
+        raise UserError("--device-batch-size and --split-tokens must be positive")
+
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+
+    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model("base", device, get_compute_dtype(device.type)[0], model_tag=args.model_tag, step=args.step)
+    T = model.config.sequence_len
+    tokens_per_step = args.device_batch_size * T * world_size
+    steps = max(1, args.split_tokens // tokens_per_step)
+    token_bytes = get_token_bytes(device)
+    bpb = {}
+    for split in ("train", "val"):
+        loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, T, split, device=device)
+        bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        loader.close()
+        print0(f"{split} bpb: {bpb[split]:.6f} ({steps * tokens_per_step:,} tokens)")
+
+    samples = {"prompted": [], "unconditioned": []}
+    if rank == 0:
+        bos = tokenizer.get_bos_token_id()
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer.encode(prompt, prepend=bos)
+            samples["prompted"].append(tokenizer.decode(tokens[1:] + list(model.generate(tokens, 16, temperature=0))))
+        for i in range(args.num_samples):
+            samples["unconditioned"].append(tokenizer.decode(list(model.generate([bos], 128, temperature=1.0, seed=i))))
+        for kind, texts in samples.items():
+            print0(f"--- {kind} samples ---")
+            for text in texts:
+                print0(repr(text))
+    print_result("base_loss", step=meta["step"], train_bpb=bpb["train"], val_bpb=bpb["val"], tokens_per_split=steps * tokens_per_step,
+                 samples=samples)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)

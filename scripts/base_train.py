@@ -1,0 +1,301 @@
+"""
+Pretrain the base model. One knob, --depth, sizes everything: width and heads from depth; then the training
+horizon, batch size, learning rates and weight decay follow from the model size by the rules below.
+
+    python -m scripts.base_train --depth=4 --max-seq-len=256 ...                      # one process (CPU, 1 GPU)
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20      # one node
+"""
+
+import dataclasses
+import gc
+import math
+import os
+import time
+
+from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype,
+                             get_peak_flops, init_wandb, peak_memory_mib, print0, print_result, run_cli)
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+B_REF = 2 ** 19  # tokens per step of the d12 reference run that the hyperparameters were tuned at
+
+
+def parse_args(argv):
+    p = Flags(description="Pretrain a base model.")
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    # the model
+    p.add_argument("--depth", type=int, default=20, help="number of layers: the one knob that sizes the model")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio (rounded to heads)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--window-pattern", default="SSSL", help="S = attend to a quarter of the context, L = all of it; tiled over layers, the last always L")
+    # the horizon, in precedence order
+    p.add_argument("--num-iterations", type=int, default=-1, help="exact number of steps (-1 = derive)")
+    p.add_argument("--target-flops", type=float, default=-1.0, help="train for this compute budget (-1 = off)")
+    p.add_argument("--target-param-data-ratio", type=float, default=10.5, help="tokens per scaling parameter (10.5 is compute optimal)")
+    # the batch
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass (lower it on OOM)")
+    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1 = derive from the model size)")
+    # the optimizer
+    p.add_argument("--embedding-lr", type=float, default=0.3)
+    p.add_argument("--unembedding-lr", type=float, default=0.008)
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate")
+    p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the reference size (scaled)")
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--warmdown-ratio", type=float, default=0.65)
+    p.add_argument("--final-lr-frac", type=float, default=0.05)
+    p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (-1 = start fresh)")
+    # evaluation, sampling and saving
+    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=80 * 524288)
+    p.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps and at the end (-1 = never)")
+    p.add_argument("--core-metric-max-per-task", type=int, default=500)
+    p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end (-1 = never)")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
+    p.add_argument("--compile", choices=["auto", "0", "1"], default="auto",
+                   help="torch.compile the model (auto: on CUDA, and on CPU for runs of 500+ steps)")
+    args = p.parse_args(argv)
+    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
+        p.error("give a horizon: --num-iterations, --target-flops or --target-param-data-ratio")
+    if not 0 <= args.warmdown_ratio <= 1:
+        p.error("--warmdown-ratio must be between 0 and 1")
+    return args
+
+
+def scaling_params(model):
+    counts = model.num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    import torch
+    import torch.distributed as dist
+
+    from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint, save_meta
+    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.gpt import GPT, build_model_config
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.optimizers import lr_multiplier, muon_momentum, weight_decay_schedule
+    from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    dtype, _ = get_compute_dtype(device.type)
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device)
+    vocab_size = tokenizer.get_vocab_size()
+
+    # the model, on the meta device first so that nothing is allocated twice
+    def meta_model(depth):
+        config = build_model_config(depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern)
+        with torch.device("meta"):
+            return GPT(config, compute_dtype=dtype)
+    model = meta_model(args.depth)
+    config = model.config
+    model.to_empty(device=device)
+    model.init_weights()
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    resume = None
+    if args.resume_from_step >= 0:
+        model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
+                                                         load_optimizer=True, rank=rank)
+        model.load_state_dict(model_state, strict=True, assign=True)
+        model.cast_embeddings()
+        resume = (optim_state, meta)
+        print0(f"resuming from {checkpoint_dir} step {args.resume_from_step}")
+
+    counts = model.num_scaling_params()
+    print0("Parameter counts:")
+    for key, value in counts.items():
+        print0(f"  {key:<22} {value:>15,}")
+    flops_per_token = model.estimate_flops()
+    print0(f"FLOPs per token: {flops_per_token:e}")
+
+    # --- the depth dial: horizon, batch, learning rates and weight decay from the model size ---
+    # 1) horizon: tokens = ratio x scaling params (transformer matrices + lm_head: the counting that gave the
+    #    cleanest scaling exponents), or what a FLOP budget buys
+    n_scaling = scaling_params(model)
+    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
+    target_tokens = args.target_flops / flops_per_token if args.target_flops > 0 else ratio * n_scaling
+    # 2) batch size: B_opt grows as D^0.383 (Power Lines), anchored at 2^19 tokens for d12 at the same ratio
+    d_ref = ratio * scaling_params(meta_model(12))
+    tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
+    total_batch_size = args.total_batch_size
+    if total_batch_size <= 0:
+        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
+        if total_batch_size < tokens_per_micro_step:
+            print0(f"the derived batch of {total_batch_size:,} tokens is below one micro-step; using {tokens_per_micro_step:,}")
+            total_batch_size = tokens_per_micro_step
+    if total_batch_size % tokens_per_micro_step:
+        raise UserError(f"--total-batch-size={total_batch_size} is not a multiple of device_batch_size x max_seq_len "
+                        f"x processes = {tokens_per_micro_step}: change one of them")
+    grad_accum_steps = total_batch_size // tokens_per_micro_step
+    # 3) learning rates scale with sqrt(B / B_ref); 4) weight decay with sqrt(B / B_ref) * D_ref / D (T_epoch, arXiv 2405.13698)
+    lr_scale = (total_batch_size / B_REF) ** 0.5
+    weight_decay = args.weight_decay * lr_scale * (d_ref / target_tokens)
+    # 5) steps: explicit, else from the FLOP budget, else from the token target
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * total_batch_size))
+    else:
+        num_iterations = int(target_tokens // total_batch_size)
+    num_iterations = max(num_iterations, 1)
+    total_tokens = num_iterations * total_batch_size
+    print0(f"steps: {num_iterations:,} | batch: {total_batch_size:,} tokens ({grad_accum_steps} micro-steps of "
+           f"{args.device_batch_size}x{args.max_seq_len} on {world_size} processes) | tokens: {total_tokens:,} | "
+           f"tokens per scaling param: {total_tokens / n_scaling:.2f} | lr scale {lr_scale:.3f} | muon wd {weight_decay:.4f}")
+
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                                      matrix_lr=args.matrix_lr * lr_scale, weight_decay=weight_decay,
+                                      scalar_lr=args.scalar_lr * lr_scale)
+    if resume is not None:
+        optimizer.load_state_dict(resume[0])
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    orig_model = model  # uncompiled: saving, evaluation and sampling, where shapes vary
+    use_compile = args.compile == "1" or (args.compile == "auto" and (device.type == "cuda" or
+                                          (device.type == "cpu" and num_iterations >= 500)))
+    if use_compile:
+        # on a 2-core CPU, compiled bf16 steps are ~1.4x faster but the first one costs ~15 s: it pays after a few hundred
+        model = torch.compile(model, dynamic=False)
+
+    # --- data ---
+    loader_state = resume[1]["dataloader_state_dicts"][rank] if resume else None
+    train_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
+                                                      device=device, resume_state=loader_state)
+    x, y, next_state = next(train_loader)
+
+    # --- the loop: runs num_iterations + 1 times, so the last pass evaluates and saves ---
+    loop = resume[1]["loop_state"] if resume else {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0,
+                                                   "total_training_time": 0.0}
+    step = args.resume_from_step if resume else 0
+    wandb_run = init_wandb(args.run, "nanochat", vars(args), master)
+    peak_flops = get_peak_flops(device)
+    val_bpb, core_metric, mfu, tok_per_sec, smooth_loss = None, None, None, None, None
+    ema_beta = 0.9
+    while True:
+        last_step = step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            val_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device)
+            eval_steps = max(1, args.eval_tokens // tokens_per_micro_step)
+            val_bpb = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
+            val_loader.close()
+            loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
+            print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            model.train()
+        if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            from nanochat.core_eval import evaluate_core
+            orig_model.eval()
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+            core_metric = core["core_metric"]
+            print0(f"step {step:05d} | CORE: {core_metric:.4f}")
+            wandb_run.log({"step": step, "core_metric": core_metric, "centered_results": core["centered_results"]})
+            orig_model.train()
+        if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()
+            for prompt in SAMPLE_PROMPTS:
+                tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                print0(tokenizer.decode(tokens[1:] + list(orig_model.generate(tokens, 16, temperature=0))))
+            orig_model.train()
+        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != args.resume_from_step):
+            # each rank's loader state: where it stands after the last batch it trained on
+            states = [None] * world_size
+            if ddp:
+                dist.all_gather_object(states, loader_state)
+            else:
+                states = [loader_state]
+            save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), rank)
+            if ddp:
+                dist.barrier()
+            if master:
+                save_meta(checkpoint_dir, step, {
+                    "step": step, "val_bpb": val_bpb, "model_config": dataclasses.asdict(config), "user_config": vars(args), "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+                    "total_batch_size": total_batch_size, "dataloader_state_dicts": states, "loop_state": loop})
+                print0(f"saved checkpoint {checkpoint_dir} step {step}")
+        if last_step:
+            break
+
+        # --- one optimization step ---
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            loss = model(x, y)
+            train_loss = loss.detach()
+            loss = loss / grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            loader_state = next_state
+            x, y, next_state = next(train_loader)  # prefetch while the GPU works
+        lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step, num_iterations, args.warmdown_ratio)
+                group["weight_decay"] = weight_decay_schedule(step, num_iterations, weight_decay)
+        if scaler:
+            scaler.unscale_(optimizer)
+            if ddp:  # every rank must agree to skip the step
+                for found_inf in scaler._found_inf_per_device(optimizer).values():
+                    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss_f = train_loss.item()  # syncs with the device
+        dt = time.time() - t0
+
+        step += 1
+        loop["smooth_train_loss"] = ema_beta * loop["smooth_train_loss"] + (1 - ema_beta) * train_loss_f
+        smooth_loss = loop["smooth_train_loss"] / (1 - ema_beta ** step)  # debiased
+        if step > 10:
+            loop["total_training_time"] += dt  # the first steps include compilation: left out
+        tok_per_sec = total_batch_size / dt
+        mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
+        done = step / num_iterations
+        eta = loop["total_training_time"] / max(step - 10, 1) * (num_iterations - step) / 60
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.2f}%) | loss: {smooth_loss:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {f'{mfu:.2f}' if mfu else 'n/a'} | "
+               f"epoch: {next_state['epoch']} pq: {next_state['pq_idx']} rg: {next_state['rg_idx']} | "
+               f"total time: {loop['total_training_time'] / 60:.2f}m | eta: {eta:.1f}m")
+        if step % 100 == 0:
+            wandb_run.log({"step": step, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt,
+                           "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": next_state["epoch"]})
+        # Python's GC costs ~500 ms pauses once the heap is big: collect once, freeze what exists, then run it rarely
+        if step == 1:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+
+    train_loader.close()
+    peak_mem = peak_memory_mib(device)
+    print0(f"peak memory: {peak_mem:.0f} MiB | total training time: {loop['total_training_time'] / 60:.2f}m | "
+           f"min val bpb: {loop['min_val_bpb']:.6f}")
+    wandb_run.finish()
+    print_result("base_train", model_tag=model_tag, checkpoint_dir=checkpoint_dir, step=step, depth=args.depth,
+                 num_params=counts["total"], num_scaling_params=n_scaling, flops_per_token=flops_per_token,
+                 total_batch_size=total_batch_size, num_iterations=num_iterations, tokens=total_tokens,
+                 val_bpb=val_bpb, min_val_bpb=loop["min_val_bpb"], core_metric=core_metric,
+                 train_loss=smooth_loss,
+                 tok_per_sec=tok_per_sec, mfu=mfu, total_training_time=loop["total_training_time"],
+                 peak_memory_mib=round(peak_mem, 1), compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)
