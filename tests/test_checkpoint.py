@@ -1,0 +1,86 @@
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat import checkpoint_manager as cm
+from nanochat.common import UserError
+from test_gpt import tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def save(checkpoint_dir, step, model, optimizer=None):
+    cm.save_checkpoint(str(checkpoint_dir), step, model.state_dict(), optimizer.state_dict() if optimizer else None)
+    cm.save_meta(str(checkpoint_dir), step, {"step": step, "model_config": dataclasses.asdict(model.config)})
+
+
+def test_round_trip_and_discovery(base_dir, tokenizer):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    optimizer = model.setup_optimizer()
+    root = base_dir / "base_checkpoints"
+    save(root / "d4", 5, model, optimizer)
+    save(root / "d4", 10, model, optimizer)
+    save(root / "d2", 20, tiny_model(n_layer=2, vocab_size=tokenizer.get_vocab_size()))
+    tokenizer.save(str(base_dir / "tokenizer"))
+
+    assert cm.find_checkpoint("base") == (str(root / "d4"), 10)  # the largest depth, its last step
+    assert cm.find_checkpoint("base", model_tag="d2") == (str(root / "d2"), 20)
+    loaded, loaded_tokenizer, meta = cm.load_model("base", "cpu", torch.float32, step=5)
+    idx = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    assert meta["step"] == 5 and not loaded.training
+    _, optim_state, _ = cm.load_checkpoint(str(root / "d4"), 10, "cpu", load_optimizer=True)
+    fresh = tiny_model(vocab_size=tokenizer.get_vocab_size()).setup_optimizer()
+    fresh.load_state_dict(optim_state)
+    assert len(fresh.param_groups) == len(optimizer.param_groups)
+
+
+def test_missing_checkpoints_say_what_to_run(base_dir):
+    with pytest.raises(UserError, match="no sft checkpoints in .*chatsft_checkpoints: run python -m scripts.chat_sft first"):
+        cm.find_checkpoint("sft")
+    with pytest.raises(UserError, match="unknown checkpoint source 'mid2'"):
+        cm.find_checkpoint("mid2")
+    save(base_dir / "base_checkpoints" / "d4", 3, tiny_model())
+    with pytest.raises(UserError, match="has no step 7 \\(found: 3\\)"):
+        cm.find_checkpoint("base", step=7)
+    with pytest.raises(UserError, match="no base checkpoint tagged 'd9'"):
+        cm.find_checkpoint("base", model_tag="d9")
+
+
+KILLER = """
+import os, signal, sys, torch
+from nanochat import checkpoint_manager as cm
+from test_gpt import tiny_model
+model = tiny_model()
+victim = sys.argv[2]
+real_replace = os.replace
+def replace(src, dst):
+    if os.path.basename(dst) == victim:  # die after writing the temporary file, before it becomes real
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+with torch.no_grad():
+    model.lm_head.weight.add_(1.0)  # step 2 differs from step 1
+cm.save_checkpoint(sys.argv[1], 2, model.state_dict(), None)
+cm.save_meta(sys.argv[1], 2, {"step": 2, "model_config": {}})
+"""
+
+
+@pytest.mark.parametrize("victim", ["model_000002.pt", "meta_000002.json"])
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(base_dir, tokenizer, victim):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    checkpoint_dir = base_dir / "base_checkpoints" / "d4"
+    save(checkpoint_dir, 1, model)
+    tokenizer.save(str(base_dir / "tokenizer"))
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(checkpoint_dir), victim], cwd=os.path.join(REPO, "tests"),
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr  # SIGKILL
+    assert cm.checkpoint_steps(str(checkpoint_dir)) == [1]
+    assert cm.find_checkpoint("base") == (str(checkpoint_dir), 1)
+    loaded, _, _ = cm.load_model("base", "cpu", torch.float32)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -1,0 +1,155 @@
+import warnings
+
+import pytest
+import torch
+
+from nanochat.engine import KVCache
+from nanochat.gpt import GPT, GPTConfig, attention, build_model_config, window_sizes
+
+
+def tiny_model(seed=0, perturb=True, **overrides):
+    """A small real model; perturbed so the zero-initialised projections and smear actually contribute."""
+    config = GPTConfig(**{"sequence_len": 1024, "vocab_size": 300, "n_layer": 4, "n_head": 4, "n_kv_head": 2,
+                          "n_embd": 64, "window_pattern": "SSSL", **overrides})
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+            model.smear_lambda.fill_(0.7)
+    return model
+
+
+def expected_total(depth, vocab=32768):
+    """Parameter count from the architecture's formula."""
+    d = -(-depth * 64 // 128) * 128
+    heads = d // 128
+    ve_layers = sum(1 for i in range(depth) if i % 2 == (depth - 1) % 2)
+    return (2 * vocab * d  # wte + lm_head
+            + depth * 12 * d * d  # q, k, v, proj (4 d^2) + MLP (8 d^2)
+            + ve_layers * (vocab * d + 12 * heads)  # value embeddings + their gates
+            + 24 + 2 * depth + 2)  # smear gate, resid and x0 lambdas, smear and backout lambdas
+
+
+@pytest.mark.parametrize("depth, total", [(12, 286_261_730), (20, 896_533_746), (24, 1_384_122_122)])
+def test_parameter_counts_match_formula_and_reference(depth, total):
+    with torch.device("meta"):  # no memory needed, even for d24
+        model = GPT(build_model_config(depth, 32768))
+    counts = model.num_scaling_params()
+    assert counts["total"] == total == expected_total(depth)
+    assert model.config.n_embd == -(-depth * 64 // 128) * 128 and model.config.n_head == model.config.n_embd // 128
+
+
+def test_reference_table_at_other_depths():
+    for depth, total_m in [(6, 73.5), (16, 536.9), (26, 1681.8)]:  # the reference lists d26 as 1.682B
+        with torch.device("meta"):
+            model = GPT(build_model_config(depth, 32768))
+        assert round(model.num_scaling_params()["total"] / 1e6, 1) == total_m
+    with torch.device("meta"):
+        d20 = GPT(build_model_config(20, 32768))
+    assert f"{d20.estimate_flops():.2e}" == "2.89e+09"  # FLOPs per token, as the reference computes
+
+
+def test_windows_follow_the_pattern_and_the_last_layer_is_long():
+    config = build_model_config(24, 32768)
+    sizes = window_sizes(config)
+    assert [i for i, w in enumerate(sizes) if w == 2048] == [3, 7, 11, 15, 19, 23]
+    assert set(sizes) == {512, 2048}
+    with pytest.raises(ValueError, match="string of S and L"):
+        window_sizes(GPTConfig(window_pattern="SXL"))
+    with pytest.raises(ValueError, match="mixer pattern"):
+        GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=2, mixer_pattern="Q"))
+
+
+def naive_attention(q, k, v, window, offset=0):
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = q @ k.mT / q.size(-1) ** 0.5
+    q_pos = torch.arange(offset, offset + q.size(2))[:, None]
+    k_pos = torch.arange(k.size(2))[None]
+    allowed = (k_pos <= q_pos) & (q_pos - k_pos <= window)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 500])
+def test_windowed_attention_equals_naive_masking(window):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 96, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 96, 16)
+    assert torch.allclose(attention(q, k, v, window), naive_attention(q, k, v, window), atol=1e-5)
+    # fewer queries than keys (the KV-cache case): the mask must align bottom-right
+    assert torch.allclose(attention(q[:, :, 80:], k, v, window, q_offset=80),
+                          naive_attention(q[:, :, 80:], k, v, window, offset=80), atol=1e-5)
+
+
+def test_flex_attention_path_matches():
+    """The FlexAttention block mask (the GPU path) agrees with the explicit mask, checked eagerly on CPU."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 80, 16), torch.randn(1, 2, 80, 16), torch.randn(1, 2, 80, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile": expected here
+        out = attention(q, k, v, 13, use_flex=True)
+    assert torch.allclose(out, naive_attention(q, k, v, 13), atol=1e-5)
+    assert not torch.allclose(out, naive_attention(q, k, v, 30), atol=1e-3)
+
+
+def test_kv_cache_decoding_equals_the_full_forward():
+    model = tiny_model()
+    assert model.windows == [256, 256, 256, 1024]  # the test crosses the short window
+    torch.manual_seed(3)
+    idx = torch.randint(0, 300, (2, 300))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.for_model(model, batch_size=2, seq_len=300)
+        pieces = [model(idx[:, :200], kv_cache=cache)]  # prefill
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(200, 260)]  # one token at a time
+        pieces.append(model(idx[:, 260:], kv_cache=cache))  # a chunk
+    assert cache.pos == 300
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-4)
+
+
+def test_init_constants_and_embedding_dtype():
+    model = tiny_model(perturb=False)
+    assert torch.allclose(model.resid_lambdas, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
+    assert torch.allclose(model.x0_lambdas, torch.tensor([0.20, 0.15, 0.10, 0.05]))
+    assert model.backout_lambda.item() == pytest.approx(0.2) and model.smear_lambda.item() == 0
+    for block in model.transformer.h:
+        assert not block.mixer.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    assert sorted(model.value_embeds) == ["1", "3"]  # alternating, including the last layer
+    with torch.device("meta"):
+        bf16 = GPT(model.config, compute_dtype=torch.bfloat16)
+    bf16.to_empty(device="cpu")
+    bf16.init_weights()
+    assert bf16.transformer.wte.weight.dtype == torch.bfloat16 and bf16.lm_head.weight.dtype == torch.float32
+    assert bf16(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.float32  # logits in fp32
+
+
+def test_logits_are_soft_capped_and_loss_ignores_minus_one():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+        idx = torch.randint(0, 300, (1, 16))
+        assert model(idx).abs().max() <= 15
+        targets = idx.clone()
+        targets[0, :8] = -1
+        per_token = model(idx, targets, loss_reduction="none")
+        assert (per_token[:8] == 0).all() and torch.isclose(model(idx, targets), per_token[8:].mean())
+
+
+def test_tiny_model_overfits_a_batch():
+    model = tiny_model(perturb=False, n_layer=2, sequence_len=32)
+    optimizer = model.setup_optimizer(embedding_lr=0.05, unembedding_lr=0.01, matrix_lr=0.02)
+    torch.manual_seed(0)
+    x = torch.randint(0, 300, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+    for _ in range(60):
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 5 and losses[-1] < 0.5 * losses[0]

@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+
+import torch
+
+from nanochat.optimizers import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize, weight_decay_schedule
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_adamw_part_equals_torch_adamw():
+    torch.manual_seed(0)
+    shapes = [(64, 32), (7,), (3000,)]
+    ours_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = MuonAdamW([dict(kind="adamw", params=ours_params, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)])
+    ref = torch.optim.AdamW(ref_params, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for _ in range(10):
+        for a, b in zip(ours_params, ref_params):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_params, ref_params):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_orthogonalization_is_near_orthogonal():
+    torch.manual_seed(0)
+    for shape in [(4, 64, 256), (4, 256, 64)]:
+        G = torch.randn(shape)
+        s = torch.linalg.svdvals(orthogonalize(G, steps=5))
+        assert s.max() < 1.25 and s.min() > 0.6, (shape, s.min(), s.max())
+        assert s.max() / s.min() < 2 < (lambda r: r.max() / r.min())(torch.linalg.svdvals(G))
+    # a square Gaussian matrix has a few tiny singular values that 5 steps cannot lift; the bulk is near 1
+    s = torch.linalg.svdvals(orthogonalize(torch.randn(2, 128, 128), steps=5))
+    assert s.max() < 1.25 and ((s > 0.6).float().mean() > 0.9)
+
+
+def test_muon_update_moves_weights_with_the_norm_it_promises():
+    torch.manual_seed(0)
+    p = torch.randn(3, 32, 128) * 0.02
+    before = p.clone()
+    g = torch.randn_like(p)
+    momentum_buffer, second = torch.zeros_like(p), torch.zeros(3, 1, 128)
+    muon_update(p, g, momentum_buffer, second, lr=0.01, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5,
+                ortho_dtype=torch.float32)
+    step = (before - p) / 0.01
+    # Muon+ fixes the update's Frobenius norm to sqrt(min(m, n)); NorMuon keeps it
+    assert torch.allclose(step.norm(dim=(-2, -1)), torch.full((3,), 32 ** 0.5), rtol=1e-3)
+    assert (second > 0).all() and momentum_buffer.abs().sum() > 0
+
+
+def test_schedules():
+    assert lr_multiplier(0, 100, 10, 0.5, 0.0) == 0.1
+    assert lr_multiplier(30, 100, 10, 0.5, 0.0) == 1.0
+    assert lr_multiplier(75, 100, 10, 0.5, 0.1) == 0.5 + 0.5 * 0.1
+    assert lr_multiplier(100, 100, 10, 0.5, 0.05) == 0.05
+    assert muon_momentum(0, 1000, 0.5) == 0.85 and muon_momentum(400, 1000, 0.5) == 0.97
+    assert abs(muon_momentum(1000, 1000, 0.5) - 0.90) < 1e-9
+    assert weight_decay_schedule(0, 100, 0.2) == 0.2 and abs(weight_decay_schedule(100, 100, 0.2)) < 1e-12
+
+
+def test_two_gloo_processes_equal_one_with_gradient_accumulation(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_DTYPE": "float32"}
+    run = dict(cwd=REPO, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    single = subprocess.run([sys.executable, "-m", "tests.optim_worker", str(one)], **run)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "tests.optim_worker", str(two)], **run)
+    assert double.returncode == 0, double.stdout + double.stderr
+    a, b = torch.load(one), torch.load(two)
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=2e-5), name
+    # ZeRO-2: each rank keeps optimizer state for its share only (13 matrices in 5 shapes -> 7 each, padded)
+    assert "muon matrices owned 13, lm_head adam rows 320" in single.stdout
+    assert "rank 0: muon matrices owned 7, lm_head adam rows 160" in double.stdout
+    assert "rank 1: muon matrices owned 7, lm_head adam rows 160" in double.stdout
