@@ -35,14 +35,62 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))  # no learnable gain
 
 
+def _to_fp8(t, dtype):
+    """Per-tensor scaling into an fp8 format's range; returns the fp8 tensor and the scale that undoes it."""
+    fp8_max = torch.finfo(dtype).max
+    scale = fp8_max / t.detach().abs().max().float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-fp8_max, fp8_max).to(dtype), scale.reciprocal()
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """x @ w.T with both operands in fp8 (e4m3), and the gradient in e5m2 (more range) for the backward matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        x8, x_inv = _to_fp8(x, torch.float8_e4m3fn)
+        w8, w_inv = _to_fp8(w, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.w_dtype = w.dtype
+        # _scaled_mm wants its second operand column-major: w8.t() of a row-major w8 is
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = _to_fp8(grad, torch.float8_e5m2)
+        column_major = lambda t: t.t().contiguous().t()
+        grad_x = torch._scaled_mm(g8, column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=grad.dtype)
+        grad_w = torch._scaled_mm(g8.t().contiguous(), column_major(x8), scale_a=g_inv, scale_b=x_inv, out_dtype=ctx.w_dtype)
+        return grad_x, grad_w
+
+
 class Linear(nn.Linear):
-    """A bias-free Linear whose fp32 master weight is cast to the input's dtype: our replacement for autocast."""
+    """
+    A bias-free Linear whose fp32 master weight is cast to the input's dtype: our replacement for autocast.
+    With fp8 = True (see enable_fp8) its training matmuls run in fp8 on tensor cores; evaluation stays in bf16.
+    """
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
+        self.fp8 = False
 
     def forward(self, x):
+        if self.fp8 and self.training and torch.is_grad_enabled():
+            return _Float8Matmul.apply(x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.to(x.dtype))
+
+
+def enable_fp8(model):
+    """
+    Train the big matmuls in fp8 (tensorwise scaling): on d26 the reference measured 630K -> 740K tok/s on 8xH100
+    (1.17x) with ~9 GB less memory. Only layers whose sizes are multiples of 16 and at least 128 qualify (fp8 kernels
+    need the alignment; small layers gain nothing). Returns how many layers were switched.
+    """
+    eligible = [m for m in model.modules() if isinstance(m, Linear) and m.in_features % 16 == 0
+                and m.out_features % 16 == 0 and min(m.in_features, m.out_features) >= 128]
+    for m in eligible:
+        m.fp8 = True
+    return len(eligible)
 
 
 def apply_rotary_emb(x, cos, sin):

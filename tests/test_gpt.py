@@ -153,3 +153,26 @@ def test_tiny_model_overfits_a_batch():
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[0] > 5 and losses[-1] < 0.5 * losses[0]
+
+
+def test_fp8_linear_tracks_the_bf16_one():
+    """fp8 training matmuls (run here through torch._scaled_mm's CPU kernel) stay close to the exact ones."""
+    from nanochat.gpt import Linear, enable_fp8
+    torch.manual_seed(0)
+    exact, fp8 = Linear(256, 128), Linear(256, 128)
+    fp8.load_state_dict(exact.state_dict())
+    holder = torch.nn.Sequential(fp8, Linear(24, 1))
+    assert enable_fp8(holder) == 1 and fp8.fp8 and not holder[1].fp8  # too small to qualify
+    x = torch.randn(4, 32, 256, dtype=torch.bfloat16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = exact(x1), fp8(x2)
+    assert y2.shape == y1.shape and y2.dtype == torch.bfloat16
+    cosine = lambda a, b: torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+    assert cosine(y1, y2) > 0.99
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert cosine(x1.grad, x2.grad) > 0.99 and cosine(exact.weight.grad, fp8.weight.grad) > 0.99
+    assert fp8.weight.grad.dtype == torch.float32
+    fp8.eval()  # evaluation and sampling use the exact path
+    assert torch.equal(fp8(x), exact(x))
