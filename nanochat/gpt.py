@@ -127,22 +127,20 @@ def mixer_kinds(config):
 # -----------------------------------------------------------------------------
 # Attention
 
+# (T, window, device) -> FlexAttention BlockMask, built eagerly by GPT.prepare_flex_attention before torch.compile
 _block_masks = {}
 
 
-def _sliding_window_flex(q, k, v, window):
-    """FlexAttention with a sliding-window causal block mask: skips the blocks the window excludes (GPU)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    T = q.size(2)
-    key = (T, window, q.device)
-    if key not in _block_masks:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
-        _block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
-    return flex_attention(q, k, v, block_mask=_block_masks[key], enable_gqa=q.size(1) != k.size(1))
+def build_block_mask(T, window, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding_window_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
+    _block_masks[(T, window, device)] = create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=T, KV_LEN=T,
+                                                          device=device)
 
 
-def attention(q, k, v, window, q_offset=0, use_flex=None):
+def attention(q, k, v, window, q_offset=0):
     """
     Causal attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D), where query i sits at position q_offset + i
     and key j at position j; each query sees keys no further back than `window`.
@@ -152,8 +150,12 @@ def attention(q, k, v, window, q_offset=0, use_flex=None):
     if q_offset == 0 and Tq == Tk:
         if window >= Tq:  # plain causal: SDPA's fused kernels
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if use_flex if use_flex is not None else (q.is_cuda and torch.compiler.is_compiling()):
-            return _sliding_window_flex(q, k, v, window)
+        # Compiled, with a prepared block mask: FlexAttention skips the blocks outside the window (what makes short
+        # windows cheap on a GPU). Eager FlexAttention is slow, and on CPU it has no backward: explicit mask there.
+        block_mask = _block_masks.get((Tq, window, q.device)) if torch.compiler.is_compiling() else None
+        if block_mask is not None:
+            from torch.nn.attention.flex_attention import flex_attention
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     # An explicit mask for windows and for the KV cache. (SDPA's is_causal aligns the triangle top-left,
     # which is wrong when there are fewer queries than keys.)
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device).unsqueeze(1)
@@ -298,6 +300,13 @@ class GPT(nn.Module):
 
     def get_device(self):
         return self.transformer.wte.weight.device
+
+    def prepare_flex_attention(self):
+        """Build the sliding-window block masks for training; call before torch.compile (base_train does, on CUDA)."""
+        T = self.config.sequence_len
+        for window in set(self.windows):
+            if window < T:
+                build_block_mask(T, window, self.get_device())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape

@@ -176,6 +176,8 @@ def main(argv=None):
     if use_compile:
         # on a 2-core CPU (d4, 256 wide, bf16) compiled steps take 324 ms instead of 425 ms but compiling costs ~22 s:
         # it pays after a few hundred steps (python -m dev.bench_train --compile 0|1)
+        if device.type == "cuda":
+            orig_model.prepare_flex_attention()  # sliding windows through FlexAttention inside the compiled model
         model = torch.compile(model, dynamic=False)
 
     # --- data ---
