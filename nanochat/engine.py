@@ -1,8 +1,17 @@
 """
-Inference: the KV cache the model reads and writes while generating.
+Inference: a KV cache, sampling, and the Engine that generates for several samples at once with tool use.
+
+The model calls its calculator by writing <|python_start|> expression <|python_end|>; the Engine evaluates the
+expression and forces <|output_start|> result <|output_end|> into that row's stream, then the model continues.
 """
 
+import ast
+import operator
+import time
+from collections import deque
+
 import torch
+import torch.nn.functional as F
 
 
 class KVCache:
@@ -39,3 +48,176 @@ class KVCache:
 
     def advance(self, n):
         self.pos += n
+
+    def prefill(self, other):
+        """Copy a batch-1 cache into every row of this one (prefill once, then sample many)."""
+        if other.k.size(1) != 1 or other.pos > self.k.size(3):
+            raise ValueError("prefill copies a batch-1 cache that fits")
+        self.k[:, :, :, :other.pos] = other.k[:, :, :, :other.pos]
+        self.v[:, :, :, :other.pos] = other.v[:, :, :, :other.pos]
+        self.pos = other.pos
+        self.prev_embedding = None if other.prev_embedding is None else other.prev_embedding.expand(self.k.size(1), -1, -1).clone()
+
+
+# -----------------------------------------------------------------------------
+# The calculator tool
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv}
+_STRING_METHODS = {"lower", "upper", "strip"}
+
+
+def use_calculator(expr, time_limit=1.0, max_len=1000):
+    """
+    Evaluate the model's tool call: arithmetic (+ - * / // and parentheses on numbers) or a string's .count(...),
+    e.g. 'strawberry'.count('r'). Returns None for anything else, errors included. It walks the expression's syntax
+    tree itself instead of calling eval, so nothing but these operations can run, and it checks a deadline as it
+    goes: safe to call from any thread (the SIGALRM timeouts of eval-based calculators only work on the main thread).
+    """
+    expr = expr.replace(",", "").strip()
+    if not expr or len(expr) > max_len or "**" in expr:
+        return None
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    deadline = time.monotonic() + time_limit
+
+    def value(node):
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            operand = value(node.operand)
+            if not isinstance(operand, (int, float)):
+                raise ValueError
+            return -operand if isinstance(node.op, ast.USub) else operand
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            left, right = value(node.left), value(node.right)
+            if not all(isinstance(x, (int, float)) for x in (left, right)):
+                raise ValueError
+            return _ARITHMETIC[type(node.op)](left, right)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.keywords:
+            receiver, method = value(node.func.value), node.func.attr
+            args = [value(a) for a in node.args]
+            if not isinstance(receiver, str) or not all(isinstance(a, str) for a in args):
+                raise ValueError
+            if method == "count" and len(args) == 1:
+                return receiver.count(args[0])
+            if method in _STRING_METHODS and not args:
+                return getattr(receiver, method)()
+        raise ValueError
+
+    try:
+        result = value(tree)
+    except (ValueError, TimeoutError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+    return result if isinstance(result, (int, float)) else None
+
+
+# -----------------------------------------------------------------------------
+# Sampling and generation
+
+@torch.inference_mode()
+def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+    """(B, V) logits -> (B, 1) token ids. temperature 0 is greedy; top_k keeps the k most likely tokens."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        probs = F.softmax(values / temperature, dim=-1)
+        return indices.gather(1, torch.multinomial(probs, 1, generator=rng))
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+
+
+class RowState:
+    """One sample's progress: its tokens, tokens queued to be forced (tool output), and the tool-call buffer."""
+
+    def __init__(self, tokens):
+        self.tokens = list(tokens)
+        self.forced = deque()
+        self.python_expr = None  # a list while inside <|python_start|> ... <|python_end|>
+        self.completed = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """
+        Yield (token_column, mask_column) per step: one token per sample, mask 1 if sampled, 0 if forced by a tool.
+        Stops when every sample has ended (<|assistant_end|> or <|bos|>) or after max_tokens steps.
+        """
+        if not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("tokens must be a non-empty list of token ids")
+        model, tok = self.model, self.tokenizer
+        special = tok.encode_special
+        python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
+        output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
+        stops = {special("<|assistant_end|>"), tok.get_bos_token_id()}
+        device = model.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed)
+        capacity = len(tokens) + max_tokens if max_tokens is not None else model.config.sequence_len
+        if capacity <= len(tokens):
+            return
+
+        # 1) prefill the prompt once, at batch 1; every sample draws its first token from these logits independently
+        prefill_cache = KVCache.for_model(model, 1, len(tokens))
+        logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill_cache)[:, -1, :]
+        logits = logits.expand(num_samples, -1)
+        # 2) copy the prompt's cache into each sample's row
+        cache = KVCache.for_model(model, num_samples, capacity)
+        cache.prefill(prefill_cache)
+        del prefill_cache
+        rows = [RowState(tokens) for _ in range(num_samples)]
+
+        generated = 0
+        while max_tokens is None or generated < max_tokens:
+            if all(r.completed for r in rows) or cache.pos >= capacity:
+                break
+            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+            column, masks = [], []
+            for row, token in zip(rows, sampled):
+                is_forced = bool(row.forced)
+                token = row.forced.popleft() if is_forced else token
+                column.append(token)
+                masks.append(0 if is_forced else 1)
+                row.tokens.append(token)
+                if token in stops:
+                    row.completed = True
+                # the tool state machine
+                if token == python_start:
+                    row.python_expr = []
+                elif token == python_end and row.python_expr is not None:
+                    result = use_calculator(tok.decode(row.python_expr))
+                    row.python_expr = None
+                    if result is not None:
+                        row.forced.extend([output_start, *tok.encode(str(result)), output_end])
+                elif row.python_expr is not None:
+                    row.python_expr.append(token)
+            yield column, masks
+            generated += 1
+            logits = model(torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1), kv_cache=cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Run generate to the end: (sequences, masks), each with the prompt and without the final stop token."""
+        stops = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        sequences = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, mask_column)):
+                if done[i]:
+                    continue
+                if token in stops:
+                    done[i] = True
+                else:
+                    sequences[i].append(token)
+                    masks[i].append(mask)
+            if all(done):
+                break
+        return sequences, masks

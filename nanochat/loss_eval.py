@@ -28,3 +28,18 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(total_bytes)
     nbytes = total_bytes.item()
     return total_nats.item() / (math.log(2) * nbytes) if nbytes > 0 else float("inf")
+
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+
+def greedy_samples(engine, tokenizer, max_tokens=16):
+    """A quick look at what a base model knows: the fixed prompts, each completed greedily."""
+    texts = []
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        sequences, _ = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0)
+        texts.append(tokenizer.decode(sequences[0][1:]))
+    return texts

@@ -188,11 +188,17 @@ class RustBPETokenizer:
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation):
-        """The prompt for generating the last assistant message: drop it and open an assistant turn (RL and evals)."""
+        """
+        The prompt for the model's next assistant turn, ending with <|assistant_start|>. A conversation that ends
+        with an assistant message (a task's reference answer, in RL and evals) has that message dropped first;
+        one that ends with a user message (a chat) is used whole.
+        """
         messages = conversation["messages"]
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError("render_for_completion expects the conversation to end with an assistant message")
-        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]}, max_tokens=10**9)
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("render_for_completion needs a conversation whose last user message awaits an answer")
+        ids, _ = self.render_conversation({**conversation, "messages": messages}, max_tokens=10**9)
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize_tokenization(self, ids, mask, with_token_id=False):

@@ -8,7 +8,6 @@ unconditioned samples from <|bos|>.
 
 from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_compute_dtype, print0, print_result,
                              run_cli)
-from scripts.base_train import SAMPLE_PROMPTS
 
 
 def main(argv=None):
@@ -25,7 +24,8 @@ def main(argv=None):
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.dataloader import tokenizing_distributed_data_loader
-    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.engine import Engine
+    from nanochat.loss_eval import evaluate_bpb, greedy_samples
     from nanochat.tokenizer import get_token_bytes
 
     ddp, rank, _, world_size, device = compute_init(args.device_type)
@@ -43,12 +43,12 @@ def main(argv=None):
 
     samples = {"prompted": [], "unconditioned": []}
     if rank == 0:
-        bos = tokenizer.get_bos_token_id()
-        for prompt in SAMPLE_PROMPTS:
-            tokens = tokenizer.encode(prompt, prepend=bos)
-            samples["prompted"].append(tokenizer.decode(tokens[1:] + list(model.generate(tokens, 16, temperature=0))))
-        for i in range(args.num_samples):
-            samples["unconditioned"].append(tokenizer.decode(list(model.generate([bos], 128, temperature=1.0, seed=i))))
+        engine = Engine(model, tokenizer)
+        samples["prompted"] = greedy_samples(engine, tokenizer)
+        if args.num_samples > 0:
+            sequences, _ = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=args.num_samples,
+                                                 max_tokens=128, temperature=1.0)
+            samples["unconditioned"] = [tokenizer.decode(s[1:]) for s in sequences]
         for kind, texts in samples.items():
             print0(f"--- {kind} samples ---")
             for text in texts:

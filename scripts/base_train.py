@@ -15,9 +15,6 @@ import time
 from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype,
                              get_peak_flops, init_wandb, peak_memory_mib, print0, print_result, run_cli)
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 B_REF = 2 ** 19  # tokens per step of the d12 reference run that the hyperparameters were tuned at
 
 
@@ -85,8 +82,9 @@ def main(argv=None):
 
     from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint, save_meta
     from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8
-    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.loss_eval import evaluate_bpb, greedy_samples
     from nanochat.optimizers import lr_multiplier, muon_momentum, weight_decay_schedule
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -216,9 +214,8 @@ def main(argv=None):
             orig_model.train()
         if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
-            for prompt in SAMPLE_PROMPTS:
-                tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-                print0(tokenizer.decode(tokens[1:] + list(orig_model.generate(tokens, 16, temperature=0))))
+            for text in greedy_samples(Engine(orig_model, tokenizer), tokenizer):
+                print0(text)
             orig_model.train()
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != args.resume_from_step):
             # each rank's loader state: where it stands after the last batch it trained on

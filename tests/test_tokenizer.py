@@ -116,8 +116,10 @@ def test_render_for_completion(tokenizer):
     assert prompt[-1] == tokenizer.encode_special("<|assistant_start|>")
     assert prompt == ids[:len(prompt)]  # the prompt is the conversation up to where the answer starts
     assert "hello there" not in tokenizer.decode(prompt)
-    with pytest.raises(ValueError, match="end with an assistant"):
-        tokenizer.render_for_completion(conversation(("user", "hi")))
+    # a chat that ends with the user's message is the prompt as it stands
+    assert tokenizer.render_for_completion(conversation(("user", "hi"))) == prompt
+    with pytest.raises(ValueError, match="last user message awaits an answer"):
+        tokenizer.render_for_completion(conversation(("user", "hi"), ("assistant", "a"), ("assistant", "b")))
 
 
 def test_visualization_marks_supervision(tokenizer):

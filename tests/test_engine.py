@@ -1,0 +1,125 @@
+import threading
+
+import pytest
+import torch
+
+from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
+from test_gpt import tiny_model
+
+
+@pytest.fixture
+def model_and_tokenizer(tokenizer):
+    return tiny_model(vocab_size=tokenizer.get_vocab_size()).eval(), tokenizer
+
+
+def test_greedy_engine_equals_naive_generation(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("the river and the garden", prepend=tokenizer.get_bos_token_id())
+    naive = list(model.generate(prompt, 40, temperature=0))
+    engine = [column[0] for column, _ in Engine(model, tokenizer).generate(prompt, max_tokens=40, temperature=0)]
+    assert engine == naive[:len(engine)] and len(engine) >= 1
+    # several greedy samples are all the same sequence
+    sequences, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=3, max_tokens=20, temperature=0)
+    assert sequences[0] == sequences[1] == sequences[2]
+
+
+def test_sampling_is_seeded_and_first_tokens_differ(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer)
+    prompt = [tokenizer.get_bos_token_id()]
+    first = next(engine.generate(prompt, num_samples=16, max_tokens=5, temperature=1.0, seed=1))[0]
+    assert len(set(first)) > 1  # every sample draws its own first token from the shared prefill
+    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=7)
+    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=7)
+    assert a == b
+    assert all(len(s) <= 1 + 12 for s in a)
+
+
+def test_top_k_and_greedy_sampling():
+    logits = torch.tensor([[0.0, 5.0, 1.0, -2.0]] * 2)
+    rng = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, rng, temperature=0).tolist() == [[1], [1]]
+    draws = {sample_next_token(logits, rng, temperature=5.0, top_k=2)[0, 0].item() for _ in range(200)}
+    assert draws == {1, 2}
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits a fixed script, one token per position, through a real KV cache: the Engine's tool machinery is under test."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.script, self.vocab_size = script, vocab_size
+        self.config = type("Config", (), {"sequence_len": 256, "n_kv_head": 1, "n_embd": 4, "n_head": 1, "n_layer": 1})()
+        self.compute_dtype = torch.float32
+        self.seen = []  # the token columns the engine fed back
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        if kv_cache.pos > 0:  # a decode step (not the prompt's prefill)
+            self.seen.append(idx[:, 0].tolist())
+        kv_cache.advance(T)
+        logits = torch.zeros(B, T, self.vocab_size)
+        step = len(self.seen)
+        logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def test_tool_call_output_is_forced_into_the_stream(tokenizer):
+    sp = tokenizer.encode_special
+    expression = tokenizer.encode("12*3+1")
+    script = [*tokenizer.encode("ok "), sp("<|python_start|>"), *expression, sp("<|python_end|>"),
+              *[0] * 6, sp("<|assistant_end|>")]
+    model = ScriptedModel(script, tokenizer.get_vocab_size())
+    engine = Engine(model, tokenizer)
+    columns = list(engine.generate([tokenizer.get_bos_token_id()], num_samples=2, max_tokens=40, temperature=0))
+    tokens = [c[0] for c, _ in columns]
+    masks = [m[0] for _, m in columns]
+    end_of_call = tokens.index(sp("<|python_end|>"))
+    forced = [sp("<|output_start|>"), *tokenizer.encode("37"), sp("<|output_end|>")]
+    assert tokens[end_of_call + 1:end_of_call + 1 + len(forced)] == forced
+    assert masks[end_of_call + 1:end_of_call + 1 + len(forced)] == [0] * len(forced)
+    assert set(masks[:end_of_call + 1]) == {1}
+    assert model.seen[end_of_call + 1][0] == sp("<|output_start|>")  # the forced tokens are fed back to the model
+    assert tokens[-1] == sp("<|assistant_end|>") and len(columns) < 40
+    sequences, seq_masks = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=40, temperature=0)
+    assert sp("<|assistant_end|>") not in sequences[0] and len(sequences[0]) == len(seq_masks[0])
+
+
+def test_kv_cache_prefill_replicates_rows():
+    small = KVCache(1, 2, 8, 4, 3, "cpu", torch.float32)
+    small.insert(0, torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 4))
+    small.advance(5)
+    small.prev_embedding = torch.randn(1, 1, 16)
+    big = KVCache(3, 2, 20, 4, 3, "cpu", torch.float32)
+    big.prefill(small)
+    assert big.pos == 5 and big.k[0, :, :, :5].eq(1).all() and not big.k[0, :, :, 5:].any()
+    assert big.prev_embedding.shape == (3, 1, 16)
+    with pytest.raises(ValueError, match="overflow"):
+        big.insert(0, torch.ones(3, 2, 16, 4), torch.ones(3, 2, 16, 4))
+
+
+@pytest.mark.parametrize("expr, result", [
+    ("1+2*3", 7), ("(1+2)*3", 9), ("7/2", 3.5), ("7//2", 3), ("-4+10", 6), ("1,000 * 3", 3000), ("2.5*4", 10.0),
+    ("'strawberry'.count('r')", 3), ('"Mississippi".lower().count("s")', 4),
+])
+def test_calculator_evaluates_arithmetic_and_count(expr, result):
+    assert use_calculator(expr) == result
+
+
+@pytest.mark.parametrize("expr", [
+    "2**10", "__import__('os').system('ls')", "open('x').read()", "'a'.join(['b'])", "x + 1", "1/0",
+    "'abc'.count()", "len('abc')", "'abc'.__class__", "(" * 500 + "1" + ")" * 500, "", "1 +", "'a' * 3",
+])
+def test_calculator_refuses_everything_else(expr):
+    assert use_calculator(expr) is None
+
+
+def test_calculator_works_off_the_main_thread():
+    results = []
+    thread = threading.Thread(target=lambda: results.append(use_calculator("6*7")))
+    thread.start()
+    thread.join()
+    assert results == [42]
