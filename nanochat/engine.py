@@ -6,6 +6,7 @@ expression and forces <|output_start|> result <|output_end|> into that row's str
 """
 
 import ast
+import codecs
 import operator
 import time
 from collections import deque
@@ -221,3 +222,25 @@ class Engine:
             if all(done):
                 break
         return sequences, masks
+
+
+class TextStream:
+    """
+    Generated token ids in, display text out, one token at a time: UTF-8 characters split across tokens come out
+    whole, and tool use reads as "[calculator: 12*3] = 36".
+    """
+
+    LABELS = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]", "<|output_start|>": " = ", "<|output_end|>": ""}
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.labels = {tokenizer.encode_special(name): text for name, text in self.LABELS.items()}
+        self.specials = tokenizer.special_token_ids()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token):
+        if token in self.labels:
+            return self.decoder.decode(b"", final=True) + self.labels[token]
+        if token in self.specials:  # end of turn and the like: not text
+            return self.decoder.decode(b"", final=True)
+        return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token))

@@ -1,0 +1,85 @@
+"""
+Talk to a model in the terminal.
+
+    python -m scripts.chat_cli                     # the latest SFT model; 'clear' starts over, 'quit' leaves
+    python -m scripts.chat_cli -p "Why is the sky blue?"   # one answer, then exit
+    python -m scripts.chat_cli -i base -g d4       # any stage: base, mid, sft, rl
+"""
+
+import time
+
+from nanochat.common import Flags, UserError, compute_init, get_compute_dtype, print_result, run_cli
+
+
+def main(argv=None):
+    p = Flags(description="Chat with a nanochat model in the terminal.")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+    p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest d<N>)")
+    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("-p", "--prompt", default="", help="answer this one prompt and exit")
+    p.add_argument("-t", "--temperature", type=float, default=0.6)
+    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-m", "--max-tokens", type=int, default=256, help="longest answer, in tokens")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    args = p.parse_args(argv)
+    if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
+        raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
+
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine, TextStream
+
+    _, _, _, _, device = compute_init(args.device_type)
+    model, tokenizer, _ = load_model(args.source, device, get_compute_dtype(device.type)[0], model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+    sp = tokenizer.encode_special
+    bos, assistant_end = tokenizer.get_bos_token_id(), sp("<|assistant_end|>")
+    tokens = [bos]  # the whole conversation, tool calls included, exactly as the model saw and wrote it
+    turns, generated, seconds, last_answer = 0, 0, 0.0, ""
+    if not args.prompt:
+        print("nanochat: type a message; 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D) leaves.")
+    while True:
+        if args.prompt:
+            user = args.prompt
+        else:
+            try:
+                user = input("\nUser: ").strip()
+            except EOFError:
+                print()
+                break
+            if user.lower() in ("quit", "exit"):
+                break
+            if user.lower() == "clear":
+                tokens = [bos]
+                print("(new conversation)")
+                continue
+            if not user:
+                continue
+        tokens += [sp("<|user_start|>"), *tokenizer.encode(user), sp("<|user_end|>"), sp("<|assistant_start|>")]
+        if len(tokens) + args.max_tokens > model.config.sequence_len * 10:
+            raise UserError("the conversation is longer than the model can read: type 'clear' to start over")
+        print("\nAssistant: ", end="", flush=True)
+        stream, answer, t0 = TextStream(tokenizer), [], time.time()
+        for column, _ in engine.generate(tokens, max_tokens=args.max_tokens, temperature=args.temperature,
+                                         top_k=args.top_k or None, seed=int(time.time())):
+            token = column[0]
+            tokens.append(token)
+            if token in (assistant_end, bos):
+                break
+            piece = stream.push(token)
+            answer.append(piece)
+            generated += 1
+            print(piece, end="", flush=True)
+        if tokens[-1] != assistant_end:  # stopped by the length limit: close the turn anyway
+            tokens.append(assistant_end)
+        seconds += time.time() - t0
+        print()
+        turns += 1
+        last_answer = "".join(answer)
+        if args.prompt:
+            break
+    print_result("chat_cli", source=args.source, turns=turns, tokens_generated=generated,
+                 tokens_per_second=round(generated / seconds, 2) if seconds else None, last_answer=last_answer)
+
+
+if __name__ == "__main__":
+    run_cli(main)
