@@ -44,7 +44,6 @@ def main(argv=None):
             try:
                 user = input("\nUser: ").strip()
             except EOFError:
-                print()
                 break
             if user.lower() in ("quit", "exit"):
                 break
@@ -77,6 +76,8 @@ def main(argv=None):
         last_answer = "".join(answer)
         if args.prompt:
             break
+    if not args.prompt:
+        print()  # end the last "User: " prompt's line
     print_result("chat_cli", source=args.source, turns=turns, tokens_generated=generated,
                  tokens_per_second=round(generated / seconds, 2) if seconds else None, last_answer=last_answer)
 

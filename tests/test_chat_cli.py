@@ -1,0 +1,46 @@
+import json
+import os
+import subprocess
+import sys
+
+from nanochat.engine import TextStream
+from test_chat_web import make_chat_model_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(base_dir, *args, stdin=None):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DTYPE": "float32"}
+    return subprocess.run([sys.executable, "-m", "scripts.chat_cli", *args], cwd=REPO, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_one_shot_and_repl(base_dir, tokenizer):
+    make_chat_model_dir(base_dir, tokenizer)
+    proc = run_cli(base_dir, "-i", "base", "-p", "Why is the sky blue?", "-t", "0", "-m", "10")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["turns"] == 1 and result["tokens_generated"] == 10 and "Assistant: " in proc.stdout
+    assert result["last_answer"] in proc.stdout  # what was streamed is the answer
+
+    proc = run_cli(base_dir, "-i", "base", "-t", "0", "-m", "5", stdin="hello\nclear\n\nhello\nexit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 2 and "(new conversation)" in proc.stdout
+    answers = [line for line in proc.stdout.splitlines() if line.startswith("Assistant: ")]
+    assert len(answers) == 2 and answers[0] == answers[1]  # after 'clear', the same greedy answer to the same prompt
+
+
+def test_missing_model_is_one_line(base_dir):
+    proc = run_cli(base_dir, "-p", "hi")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith("run python -m scripts.chat_sft first")
+
+
+def test_text_stream_shows_tool_calls_and_whole_characters(tokenizer):
+    sp = tokenizer.encode_special
+    stream = TextStream(tokenizer)
+    ids = [*tokenizer.encode("so "), sp("<|python_start|>"), *tokenizer.encode("12*3"), sp("<|python_end|>"),
+           sp("<|output_start|>"), *tokenizer.encode("36"), sp("<|output_end|>"), *tokenizer.encode(" café 🤖")]
+    pieces = [stream.push(t) for t in ids]
+    assert "".join(pieces) == "so [calculator: 12*3] = 36 café 🤖"
+    assert all("\ufffd" not in p for p in pieces)  # multi-byte characters are never split into halves
