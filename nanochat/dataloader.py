@@ -158,3 +158,49 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
             yield both[0], both[1], state
     finally:
         stop.set()
+
+
+def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_size=1, buffer_size=100):
+    """
+    The finetuning loader. Yield (inputs, targets, info) forever, info = {"epoch", "progress"} (progress counts
+    epochs: 1.0 = one pass over the dataset). Rows are packed best-fit with whole conversations (none is cropped
+    to fit a row: the row is padded instead), targets are -1 wherever the loss should not look: user turns, tool
+    outputs, padding. A conversation longer than a row is truncated to the row, so small --max-seq-len still trains.
+    """
+    device = torch.device(device)
+    row_len, bos, n = T + 1, tokenizer.get_bos_token_id(), len(dataset)
+
+    def rendered():
+        epoch = 1
+        while True:
+            for i in range(rank, n, world_size):
+                ids, mask = tokenizer.render_conversation(dataset[i], max_tokens=row_len)
+                yield ids, mask, epoch - 1 + (i + 1) / n
+            epoch += 1
+
+    stream = rendered()
+    buffer, progress = [], 0.0
+    while True:
+        tokens = np.full((B, row_len), bos, dtype=np.int64)
+        masks = np.zeros((B, row_len), dtype=np.int64)
+        for b in range(B):
+            filled = 0
+            while filled < row_len:
+                while len(buffer) < buffer_size:
+                    ids, mask, progress = next(stream)
+                    buffer.append((ids, mask))
+                room = row_len - filled
+                fits = [i for i, (ids, _) in enumerate(buffer) if len(ids) <= room]
+                if not fits:
+                    break  # pad the rest of the row
+                ids, mask = buffer.pop(max(fits, key=lambda i: len(buffer[i][0])))
+                tokens[b, filled:filled + len(ids)] = ids
+                masks[b, filled:filled + len(ids)] = mask
+                filled += len(ids)
+        targets = np.where(masks[:, 1:] == 1, tokens[:, 1:], -1)
+        both = torch.from_numpy(np.stack([tokens[:, :-1], targets]))
+        if device.type == "cuda":
+            both = both.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            both = both.to(device)
+        yield both[0], both[1], {"epoch": int(progress) + 1, "progress": progress}

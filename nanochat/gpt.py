@@ -341,8 +341,12 @@ class GPT(nn.Module):
         logits = 15 * torch.tanh(logits / 15)  # soft cap
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        targets = targets.reshape(-1)
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="none")
+        if loss_reduction == "none":
+            return losses
+        # the mean over supervised targets; a batch without any (all masked, in finetuning) gives 0, not NaN
+        return losses.sum() / (targets >= 0).sum().clamp(min=1)
 
     # -------------------------------------------------------------------------
     # Sizes and costs

@@ -91,6 +91,15 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "muon" and len({tuple(p.shape) for p in group["params"]}) != 1:
                 raise ValueError("a muon group must hold parameters of a single shape")
 
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to each parameter's dtype; our AdamW moments stay fp32 even for bf16 embeddings
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    self.state[params[index]][key] = saved[key].to(device=params[index].device, dtype=torch.float32)
+
     def _adamw(self, group, key, p, grad):
         state = self.state[key]
         if not state:
@@ -182,6 +191,16 @@ def lr_multiplier(step, num_steps, warmup_steps, warmdown_ratio, final_lr_frac):
         return 1.0
     progress = (num_steps - step) / warmdown_steps  # 1 -> 0 across the warmdown
     return progress + (1 - progress) * final_lr_frac
+
+
+def progress_lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """The same shape by fraction of training done (finetuning, whose step count is known only approximately)."""
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1 - warmdown_ratio:
+        return 1.0
+    remaining = max(0.0, 1 - progress) / warmdown_ratio  # 1 -> 0 across the warmdown
+    return remaining + (1 - remaining) * final_lr_frac
 
 
 def muon_momentum(step, num_steps, warmdown_ratio):

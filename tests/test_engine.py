@@ -102,7 +102,7 @@ def test_kv_cache_prefill_replicates_rows():
 
 
 @pytest.mark.parametrize("expr, result", [
-    ("1+2*3", 7), ("(1+2)*3", 9), ("7/2", 3.5), ("7//2", 3), ("-4+10", 6), ("1,000 * 3", 3000), ("2.5*4", 10.0),
+    ("1+2*3", 7), ("(1+2)*3", 9), ("7/2", 3.5), ("24/3", 8), ("7//2", 3), ("-4+10", 6), ("1,000 * 3", 3000), ("2.5*4", 10.0),
     ("'strawberry'.count('r')", 3), ('"Mississippi".lower().count("s")', 4),
 ])
 def test_calculator_evaluates_arithmetic_and_count(expr, result):

@@ -1,0 +1,239 @@
+"""
+Finetune on conversations: supervised finetuning (this script) and midtraining (scripts/mid_train.py, the same
+loop with its own mixture). The loss covers only what the assistant writes; batch size, sequence length and
+learning rates are inherited from the source checkpoint unless given.
+
+    python -m scripts.chat_sft                                   # SFT from the latest mid checkpoint
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft1
+    python -m scripts.chat_sft --data=offline --num-iterations=100   # without the hub: synthetic and packaged data
+"""
+
+import dataclasses
+import gc
+import os
+import time
+
+from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
+                             print0, print_result, run_cli)
+
+IDENTITY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev", "identity_conversations.jsonl")
+STAGES = {  # stage -> (default source, checkpoint folder, wandb project)
+    "mid": ("base", "mid_checkpoints", "nanochat-mid"),
+    "sft": ("mid", "chatsft_checkpoints", "nanochat-sft"),
+}
+
+
+def mixtures(stage, data):
+    """(train, val) TaskMixtures. 'hub' is the reference's data; 'offline' needs no network at all."""
+    from tasks.common import TaskMixture
+    from tasks.customjson import CustomJSON
+    from tasks.gsm8k import GSM8K, SyntheticMath
+    from tasks.spellingbee import SimpleSpelling, SpellingBee
+    if data == "offline":
+        identity = CustomJSON(IDENTITY)
+        train = [identity, identity, SyntheticMath(4000, "train"), SimpleSpelling(4000, "train"), SpellingBee(4000, "train")]
+        val = [SyntheticMath(200, "test"), SpellingBee(200, "test"), SimpleSpelling(200, "test")]
+        return TaskMixture(train), TaskMixture(val)
+    from tasks.mmlu import MMLU
+    from tasks.smoltalk import SmolTalk
+    if stage == "mid":
+        identity = CustomJSON(IDENTITY)
+        train = [SmolTalk("train"), MMLU("auxiliary_train", "train"), GSM8K("main", "train"), identity, identity,
+                 SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
+    else:
+        mmlu, gsm8k = MMLU("auxiliary_train", "train"), GSM8K("main", "train")
+        train = [SmolTalk("train"), mmlu, mmlu, mmlu, gsm8k, gsm8k, gsm8k, gsm8k]  # MMLU x3, GSM8K x4 epochs
+    val = [SmolTalk("test"), MMLU("all", "test", stop=5200), GSM8K("main", "test", stop=420)]
+    return TaskMixture(train), TaskMixture(val)
+
+
+def parse_args(argv, stage):
+    p = Flags(description=f"{'Midtraining' if stage == 'mid' else 'Supervised finetuning'} on conversations.")
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    p.add_argument("--source", default=STAGES[stage][0], choices=["base", "mid", "sft"], help="checkpoint to start from")
+    p.add_argument("--model-tag", default=None, help="source checkpoint tag (default: the largest d<N>)")
+    p.add_argument("--model-step", type=int, default=None, help="source checkpoint step (default: the last)")
+    p.add_argument("--data", choices=["hub", "offline"], default="hub",
+                   help="hub: the reference mixture from Hugging Face; offline: identity, synthetic math and spelling only")
+    p.add_argument("--load-optimizer", type=int, default=1, help="start from the source's optimizer momenta (1) or not (0)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the source's")
+    p.add_argument("--device-batch-size", type=int, default=None, help="default: the source's")
+    p.add_argument("--total-batch-size", type=int, default=None, help="default: the source's")
+    p.add_argument("--embedding-lr", type=float, default=None, help="default: the source's")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="default: the source's")
+    p.add_argument("--matrix-lr", type=float, default=None, help="default: the source's")
+    p.add_argument("--init-lr-frac", type=float, default=1.0 if stage == "mid" else 0.8)
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--warmdown-ratio", type=float, default=0.5)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=150 if stage == "mid" else 200, help="val bpb every N steps (-1 = end only)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288)
+    p.add_argument("--chatcore-every", type=int, default=-1 if stage == "mid" else 200, help="ChatCORE every N steps (-1 = never)")
+    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task in ChatCORE (-1 = all)")
+    p.add_argument("--chatcore-max-sample", type=int, default=24, help="generative problems per task in ChatCORE")
+    p.add_argument("--model-tag-out", default=None, help="output checkpoint tag (default: the source's)")
+    args = p.parse_args(argv)
+    if args.source == stage or (stage == "mid" and args.source == "sft"):
+        p.error(f"--source={args.source} cannot feed {stage}: use base{' or mid' if stage == 'sft' else ''}")
+    return args
+
+
+def main(argv=None, stage="sft"):
+    args = parse_args(argv, stage)
+    import torch
+    import torch.distributed as dist
+
+    from nanochat.checkpoint_manager import find_checkpoint, load_checkpoint, load_model, save_checkpoint, save_meta
+    from nanochat.dataloader import conversation_batches
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.optimizers import progress_lr_multiplier
+    from nanochat.tokenizer import get_token_bytes
+
+    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    dtype = get_compute_dtype(device.type)[0]
+    model, tokenizer, source_meta = load_model(args.source, device, dtype, phase="train", model_tag=args.model_tag,
+                                               step=args.model_step)
+    source_dir, source_step = find_checkpoint(args.source, args.model_tag, args.model_step)
+    inherited = source_meta.get("user_config", {})
+    T = args.max_seq_len or source_meta.get("max_seq_len", 2048)
+    B = args.device_batch_size or source_meta.get("device_batch_size", 32)
+    total_batch_size = args.total_batch_size or source_meta.get("total_batch_size", 524288)
+    lrs = {name: getattr(args, name) if getattr(args, name) is not None else inherited.get(name, default)
+           for name, default in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
+    tokens_per_micro_step = B * T * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise UserError(f"total batch {total_batch_size} is not a multiple of device_batch_size x max_seq_len x processes "
+                        f"= {tokens_per_micro_step}: pass --total-batch-size or --device-batch-size")
+    if T > model.config.sequence_len * 10:
+        raise UserError(f"--max-seq-len={T} is beyond what the model's rotary tables cover ({model.config.sequence_len * 10})")
+    grad_accum_steps = total_batch_size // tokens_per_micro_step
+    print0(f"{stage} from {args.source} {source_dir} step {source_step}: batch {total_batch_size:,} tokens "
+           f"({grad_accum_steps} x {B} x {T} on {world_size} processes), lrs {lrs} x {args.init_lr_frac}")
+
+    optimizer = model.setup_optimizer(unembedding_lr=lrs["unembedding_lr"], embedding_lr=lrs["embedding_lr"],
+                                      matrix_lr=lrs["matrix_lr"], weight_decay=0.0)
+    if args.load_optimizer:
+        optim_path = os.path.join(source_dir, f"optim_{source_step:06d}_rank{rank}.pt")
+        if os.path.exists(optim_path):
+            _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank)
+            fresh = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
+            optimizer.load_state_dict(optim_state)  # the momenta; the learning rates are set afresh below
+            for g, (lr, initial) in zip(optimizer.param_groups, fresh):
+                g["lr"], g["initial_lr"] = lr, initial
+        else:
+            print0(f"no optimizer state at {optim_path} (saved by another number of processes?): starting it fresh")
+    for g in optimizer.param_groups:
+        g["initial_lr"] *= args.init_lr_frac
+        g["lr"] = g["initial_lr"]
+    step_model = torch.compile(model, dynamic=False) if device.type == "cuda" else model
+
+    train_ds, val_ds = mixtures(stage, args.data)
+    print0(f"mixture: {len(train_ds):,} training conversations, {len(val_ds):,} validation")
+    train_loader = conversation_batches(tokenizer, train_ds, B, T, device, rank, world_size)
+    token_bytes = get_token_bytes(device)
+    wandb_run = init_wandb(args.run, STAGES[stage][2], vars(args), master)
+
+    def chatcore_eval():
+        from nanochat.engine import Engine
+        from tasks.arc import ARC
+        from tasks.common import chatcore, evaluate_categorical, evaluate_generative
+        from tasks.gsm8k import GSM8K
+        from tasks.humaneval import HumanEval
+        from tasks.mmlu import MMLU
+        from tasks.spellingbee import SpellingBee
+        engine, accuracies = Engine(model, tokenizer), {}
+        max_cat = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
+        tasks = {"ARC-Easy": ARC("ARC-Easy", "test"), "ARC-Challenge": ARC("ARC-Challenge", "test"), "MMLU": MMLU("all", "test"),
+                 "GSM8K": GSM8K("main", "test"), "HumanEval": HumanEval(), "SpellingBee": SpellingBee(256, "test")}
+        for name, task in tasks.items():
+            if task.eval_type == "categorical":
+                hits, n = evaluate_categorical(task, tokenizer, model, B, max_cat, rank, world_size)
+            else:
+                hits, n = evaluate_generative(task, tokenizer, engine, max_new_tokens=256, max_problems=args.chatcore_max_sample,
+                                              rank=rank, world_size=world_size)
+            counts = torch.tensor([hits, n], dtype=torch.float64, device=device)
+            if ddp:
+                dist.all_reduce(counts)
+            accuracies[name] = (counts[0] / counts[1].clamp(min=1)).item()
+        return accuracies, chatcore(accuracies)
+
+    # --- the loop: until one epoch (or --num-iterations) is done, then a last evaluation and the save ---
+    x, y, info = next(train_loader)
+    step, val_bpb, min_val_bpb, train_time, chat_core, smooth_loss = 0, None, float("inf"), 0.0, None, 0.0
+    while True:
+        progress = step / args.num_iterations if args.num_iterations > 0 else info["progress"]
+        last_step = progress >= 1.0
+        if ddp:  # every rank must stop at the same step
+            flag = torch.tensor(float(last_step), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            last_step = bool(flag.item())
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            val_loader = conversation_batches(tokenizer, val_ds, B, T, device, rank, world_size)
+            val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            model.train()
+        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
+            model.eval()
+            accuracies, chat_core = chatcore_eval()
+            print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in accuracies.items()) + f" | ChatCORE: {chat_core:.4f}")
+            wandb_run.log({"step": step, "chatcore": chat_core, **{f"chatcore/{k}": v for k, v in accuracies.items()}})
+            model.train()
+        if last_step:
+            break
+
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            loss = step_model(x, y)
+            train_loss = loss.detach()
+            (loss / grad_accum_steps).backward()
+            x, y, info = next(train_loader)
+        lrm = progress_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = 0.85 + 0.10 * min(step / 300, 1.0)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        loss_value = train_loss.item()
+        dt = time.time() - t0
+        step += 1
+        if step > 10:
+            train_time += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+        debiased = smooth_loss / (1 - 0.9 ** step)
+        print0(f"step {step:05d} ({100 * min(progress, 1):.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+               f"tok/sec: {total_batch_size / dt:,.0f} | epoch: {info['epoch']}")
+        if step % 10 == 0:
+            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": total_batch_size / dt})
+        if step == 1:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+    gc.unfreeze()
+    gc.enable()
+
+    model_tag = args.model_tag_out or os.path.basename(source_dir)
+    checkpoint_dir = os.path.join(get_base_dir(), STAGES[stage][1], model_tag)
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), rank)
+    if ddp:
+        dist.barrier()
+    if master:
+        save_meta(checkpoint_dir, step, {
+            "step": step, "val_bpb": val_bpb, "model_config": dataclasses.asdict(model.config), "source": args.source,
+            "user_config": {**vars(args), **lrs}, "max_seq_len": T, "device_batch_size": B, "total_batch_size": total_batch_size})
+        print0(f"saved {checkpoint_dir} step {step}")
+    wandb_run.finish()
+    print_result(f"chat_{stage}" if stage == "sft" else "mid_train", checkpoint_dir=checkpoint_dir, step=step, data=args.data,
+                 train_loss=smooth_loss / (1 - 0.9 ** step) if step else None, val_bpb=val_bpb, min_val_bpb=min_val_bpb,
+                 chatcore=chat_core, total_training_time=train_time, world_size=world_size)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,184 @@
+"""
+Tasks: datasets seen as conversations. A Task is a list-like view (start/stop/step slicing) of examples; each
+example is a conversation {"messages": [...]}. Categorical tasks are scored from the logits of answer letters,
+generative ones by sampling and checking the answer. Mixtures and sequences combine tasks for training.
+"""
+
+import os
+import random
+import socket
+
+from nanochat.common import UserError, get_base_dir
+
+HUB_HOST = "huggingface.co"
+
+
+class Task:
+    """A view over a subclass's examples: start, stop and step select which ones, like a slice."""
+
+    eval_type = "generative"  # or "categorical"
+
+    def __init__(self, start=0, stop=None, step=1):
+        assert start >= 0 and step >= 1 and (stop is None or stop >= start)
+        self.start, self.stop, self.step = start, stop, step
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def evaluate(self, conversation, completion):
+        """Whether a completion answers the conversation's question (1) or not (0)."""
+        raise NotImplementedError
+
+    def __len__(self):
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, -(-(stop - self.start) // self.step))
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} of a task with {len(self)}")
+        return self.get_example(self.start + i * self.step)
+
+
+class TaskMixture(Task):
+    """Several tasks shuffled together, deterministically. List a task twice to see it twice (an epoch each)."""
+
+    def __init__(self, tasks, seed=42, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+        self.index = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+        random.Random(seed).shuffle(self.index)
+
+    def num_examples(self):
+        return len(self.index)
+
+    def get_example(self, index):
+        t, i = self.index[index]
+        return self.tasks[t][i]
+
+
+class TaskSequence(Task):
+    """Tasks one after another, in order: a curriculum."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+
+    def num_examples(self):
+        return sum(len(t) for t in self.tasks)
+
+    def get_example(self, index):
+        for task in self.tasks:
+            if index < len(task):
+                return task[index]
+            index -= len(task)
+        raise IndexError(index)
+
+
+def render_mc(question, letters, choices):
+    """
+    The multiple-choice prompt. The letter comes right after '=' with no space, so the prompt's letter token is the
+    same token the model must answer with (' A' and 'A' are different tokens).
+    """
+    lines = [f"Multiple Choice question: {question}"]
+    lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+# -----------------------------------------------------------------------------
+# Loading datasets from the Hugging Face hub (or local files)
+
+def hub_reachable(timeout=3.0):
+    """A quick check before the datasets library tries (offline it would retry for ~25 s)."""
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hf_dataset(path, name=None, split="train", local=None):
+    """
+    A datasets.Dataset: from local files when `local` is given (.jsonl/.json/.parquet file or folder of them),
+    otherwise from the hub, cached under $NANOCHAT_BASE_DIR/hf_datasets. Offline, the cache still works; a dataset
+    never fetched fails at once with a line saying how to give local files instead.
+    """
+    import datasets
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if local is not None:
+        files = sorted(os.path.join(local, f) for f in os.listdir(local)) if os.path.isdir(local) else [local]
+        files = [f for f in files if f.endswith((".jsonl", ".json", ".parquet"))]
+        if not files:
+            raise UserError(f"no .jsonl, .json or .parquet files at {local} for {path}")
+        kind = "parquet" if files[0].endswith(".parquet") else "json"
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    cache_dir = os.path.join(get_base_dir(), "hf_datasets")
+    if not hub_reachable():
+        os.environ["HF_DATASETS_OFFLINE"] = "1"  # use the cache, and fail at once instead of retrying
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
+    except Exception as e:
+        if os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise UserError(f"cannot load {path}{'/' + name if name else ''} ({split}): {HUB_HOST} is unreachable and it "
+                            f"is not cached; connect once, or give the task local files (local=PATH with the dataset's "
+                            f"jsonl/parquet files)") from None
+        raise UserError(f"cannot load {path}{'/' + name if name else ''} ({split}): {type(e).__name__}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# Evaluation loops (chat_eval, and periodically during SFT)
+
+def evaluate_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                        max_problems=None, rank=0, world_size=1):
+    """pass@num_samples: a problem passes if any sample does. Returns (passed, total) on this rank."""
+    passed = total = 0
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    for i in range(rank, n, world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seed=i)
+        completions = [tokenizer.decode(s[len(prompt):]) for s in sequences]
+        passed += any(task.evaluate(conversation, c) for c in completions)
+        total += 1
+    return passed, total
+
+
+def evaluate_categorical(task, tokenizer, model, batch_size=8, max_problems=None, rank=0, world_size=1):
+    """Argmax over the answer letters' logits at the end of each prompt. Returns (correct, total) on this rank."""
+    import torch
+    bos = tokenizer.get_bos_token_id()
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    indices = list(range(rank, n, world_size))
+    correct = 0
+    for b in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[b:b + batch_size]]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=model.get_device())
+        with torch.no_grad():
+            logits = model(ids)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            letter_ids = []
+            for letter in letters:
+                encoded = tokenizer.encode(letter)
+                assert len(encoded) == 1, f"answer letter {letter!r} must be a single token"
+                letter_ids.append(encoded[0])
+            scores = logits[row, len(prompt) - 1, letter_ids]
+            correct += task.evaluate(conversation, letters[int(scores.argmax())])
+    return correct, len(indices)
+
+
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+
+
+def chatcore(accuracies):
+    """The mean over tasks of accuracy centred on its random baseline; None unless every task has a result."""
+    if set(accuracies) != set(BASELINES):
+        return None
+    return sum((accuracies[t] - b) / (1 - b) for t, b in BASELINES.items()) / len(BASELINES)
