@@ -32,8 +32,7 @@ for name in ("kill", "killpg", "system", "popen", "putenv", "unsetenv", "remove"
              "rename", "renames", "replace", "truncate", "ftruncate", "fchdir", "chdir", "chmod", "fchmod", "chown",
              "fchown", "lchown", "chroot", "setuid", "setgid", "fork", "forkpty", "vfork", "posix_spawn",
              "posix_spawnp", "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-             "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "_exit",
-             "register_at_fork"):
+             "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "_exit"):
     if hasattr(os, name):
         setattr(os, name, None)
 shutil.rmtree = shutil.move = shutil.chown = None

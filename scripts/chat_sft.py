@@ -130,6 +130,9 @@ def main(argv=None, stage="sft"):
         g["lr"] = g["initial_lr"]
     step_model = torch.compile(model, dynamic=False) if device.type == "cuda" else model
 
+    if args.data == "offline" and args.chatcore_every > 0:
+        print0("ChatCORE needs ARC, MMLU and GSM8K from the hub: not evaluated with --data=offline")
+        args.chatcore_every = -1
     train_ds, val_ds = mixtures(stage, args.data)
     print0(f"mixture: {len(train_ds):,} training conversations, {len(val_ds):,} validation")
     train_loader = conversation_batches(tokenizer, train_ds, B, T, device, rank, world_size)

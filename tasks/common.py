@@ -99,13 +99,27 @@ def hub_reachable(timeout=3.0):
         return False
 
 
+def task_data_path(path, name, split):
+    """Where local files for a hub dataset may be put: $NANOCHAT_BASE_DIR/task_data/<org--repo>/<name>/<split>[.jsonl]."""
+    return os.path.join(get_base_dir(), "task_data", path.replace("/", "--"), name or "default", split)
+
+
 def load_hf_dataset(path, name=None, split="train", local=None):
     """
-    A datasets.Dataset: from local files when `local` is given (.jsonl/.json/.parquet file or folder of them),
-    otherwise from the hub, cached under $NANOCHAT_BASE_DIR/hf_datasets. Offline, the cache still works; a dataset
-    never fetched fails at once with a line saying how to give local files instead.
+    A datasets.Dataset from local files (.jsonl/.json/.parquet: a file or a folder of them) given as `local` or
+    found at task_data_path(); otherwise from the hub, cached under $NANOCHAT_BASE_DIR/hf_datasets. Offline, the
+    cache still works; a dataset never fetched fails at once with a line saying where local files can go.
     """
+    if local is None:
+        candidate = task_data_path(path, name, split)
+        local = next((p for p in (candidate, candidate + ".jsonl", candidate + ".parquet") if os.path.exists(p)), None)
+    offline = local is None and not hub_reachable()
+    if offline:  # use the cache, and fail at once instead of retrying for ~25 s
+        os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
+    import huggingface_hub
+    if offline:  # the libraries read those variables at import: tell them too, in case they were imported already
+        datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     if local is not None:
@@ -116,16 +130,13 @@ def load_hf_dataset(path, name=None, split="train", local=None):
         kind = "parquet" if files[0].endswith(".parquet") else "json"
         return datasets.load_dataset(kind, data_files=files, split="train")
     cache_dir = os.path.join(get_base_dir(), "hf_datasets")
-    if not hub_reachable():
-        os.environ["HF_DATASETS_OFFLINE"] = "1"  # use the cache, and fail at once instead of retrying
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         return datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
     except Exception as e:
-        if os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        if offline:
             raise UserError(f"cannot load {path}{'/' + name if name else ''} ({split}): {HUB_HOST} is unreachable and it "
-                            f"is not cached; connect once, or give the task local files (local=PATH with the dataset's "
-                            f"jsonl/parquet files)") from None
+                            f"is not cached; connect once, or put the split's .jsonl/.parquet files in "
+                            f"{task_data_path(path, name, split)}/") from None
         raise UserError(f"cannot load {path}{'/' + name if name else ''} ({split}): {type(e).__name__}: {e}") from None
 
 

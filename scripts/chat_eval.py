@@ -1,0 +1,89 @@
+"""
+Evaluate a chat model: ARC-Easy, ARC-Challenge and MMLU (categorical: the answer letter's logit), GSM8K,
+HumanEval and SpellingBee (generative: pass@n by sampling), and ChatCORE, their mean accuracy above chance,
+when all six ran. SyntheticMath (offline GSM8K-style problems) is available too, outside ChatCORE.
+
+    python -m scripts.chat_eval -i sft
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft -a "GSM8K|HumanEval"
+    python -m scripts.chat_eval -i sft -a "HumanEval|SpellingBee|SyntheticMath" -x 50     # offline
+"""
+
+from nanochat.common import Flags, UserError, compute_cleanup, compute_init, get_compute_dtype, print0, print_result, run_cli
+
+TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath"]
+
+
+def build_task(name):
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+        return ARC(name, "test")
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+        return MMLU("all", "test")
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+        return GSM8K("main", "test")
+    if name == "HumanEval":
+        from tasks.humaneval import HumanEval
+        return HumanEval()
+    if name == "SpellingBee":
+        from tasks.spellingbee import SpellingBee
+        return SpellingBee(256, "test")
+    from tasks.gsm8k import SyntheticMath
+    return SyntheticMath(256, "test")
+
+
+def main(argv=None):
+    p = Flags(description="Evaluate a chat model.")
+    p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
+    p.add_argument("-a", "--task-name", default="|".join(TASKS[:6]), help=f"|-separated, from {', '.join(TASKS)}")
+    p.add_argument("-t", "--temperature", type=float, default=0.0)
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
+    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass for categorical tasks")
+    p.add_argument("-g", "--model-tag", default=None)
+    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.task_name.split("|") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise UserError(f"unknown task {', '.join(unknown) or '(none)'}: choose from {', '.join(TASKS)}")
+    if args.num_samples > 1 and args.temperature == 0:
+        raise UserError("-n above 1 samples the same greedy answer every time: give a temperature (-t 1.0)")
+
+    import torch
+    import torch.distributed as dist
+
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    from tasks.common import chatcore, evaluate_categorical, evaluate_generative
+
+    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model(args.source, device, get_compute_dtype(device.type)[0], model_tag=args.model_tag,
+                                        step=args.step)
+    engine = Engine(model, tokenizer)
+    accuracies = {}
+    for name in names:
+        task = build_task(name)
+        if task.eval_type == "categorical":
+            hits, n = evaluate_categorical(task, tokenizer, model, args.batch_size, args.max_problems, rank, world_size)
+        else:
+            hits, n = evaluate_generative(task, tokenizer, engine, args.num_samples, args.max_new_tokens, args.temperature,
+                                          args.top_k, args.max_problems, rank, world_size)
+        counts = torch.tensor([hits, n], dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(counts)
+        accuracies[name] = (counts[0] / counts[1].clamp(min=1)).item()
+        print0(f"{name}: {accuracies[name]:.4f} ({int(counts[0])}/{int(counts[1])})")
+    score = chatcore({k: v for k, v in accuracies.items() if k != "SyntheticMath"})
+    if score is not None:
+        print0(f"ChatCORE: {score:.4f}")
+    print_result("chat_eval", source=args.source, step=meta["step"], results=accuracies, chatcore=score)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)

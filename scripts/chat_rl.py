@@ -1,0 +1,167 @@
+"""
+Reinforcement learning on math word problems, the reference's simplified GRPO: for each problem, sample a group
+of answers, reward the correct ones (1) and not the others (0), and push up the log-probability of each answer's
+tokens by its reward minus the group's mean. On-policy, so no ratio or clipping; no KL penalty or reference model;
+the loss is normalised per token (DAPO). Tool outputs forced by the engine are not trained on.
+
+    python -m scripts.chat_rl                       # GSM8K, from the latest SFT checkpoint
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl1
+    python -m scripts.chat_rl --data=offline --num-steps=20   # synthetic problems, no hub
+"""
+
+import dataclasses
+import os
+import time
+
+from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
+                             print0, print_result, run_cli)
+
+
+def main(argv=None):
+    p = Flags(description="RL on GSM8K with a simplified GRPO.")
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    p.add_argument("--source", default="sft", choices=["mid", "sft"], help="checkpoint to start from")
+    p.add_argument("--model-tag", default=None)
+    p.add_argument("--model-step", type=int, default=None)
+    p.add_argument("--data", choices=["hub", "offline"], default="hub", help="hub: GSM8K; offline: synthetic problems")
+    p.add_argument("--num-epochs", type=int, default=1)
+    p.add_argument("--num-steps", type=int, default=-1, help="steps (-1 = num_epochs over the training problems)")
+    p.add_argument("--device-batch-size", type=int, default=8, help="samples generated per forward pass")
+    p.add_argument("--examples-per-step", type=int, default=16, help="problems per step, across all processes")
+    p.add_argument("--num-samples", type=int, default=16, help="answers sampled per problem (the group)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Muon's weight decay")
+    p.add_argument("--init-lr-frac", type=float, default=0.05)
+    p.add_argument("--eval-every", type=int, default=60)
+    p.add_argument("--eval-examples", type=int, default=400)
+    p.add_argument("--save-every", type=int, default=60)
+    args = p.parse_args(argv)
+    if args.num_samples % args.device_batch_size:
+        raise UserError(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
+
+    import torch
+    import torch.distributed as dist
+
+    from nanochat.checkpoint_manager import find_checkpoint, load_model, save_checkpoint, save_meta
+    from nanochat.engine import Engine
+    from tasks.gsm8k import GSM8K, SyntheticMath
+
+    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    if args.examples_per_step % world_size:
+        raise UserError(f"--examples-per-step={args.examples_per_step} must be divisible by the {world_size} processes")
+    model, tokenizer, _ = load_model(args.source, device, get_compute_dtype(device.type)[0], phase="train",
+                                     model_tag=args.model_tag, step=args.model_step)
+    source_dir, _ = find_checkpoint(args.source, args.model_tag, args.model_step)
+    engine = Engine(model, tokenizer)
+    train_task = GSM8K("main", "train") if args.data == "hub" else SyntheticMath(8000, "train")
+    val_task = GSM8K("main", "test") if args.data == "hub" else SyntheticMath(500, "test")
+    num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
+    examples_per_rank = args.examples_per_step // world_size
+    passes = args.num_samples // args.device_batch_size
+
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for g in optimizer.param_groups:
+        g["initial_lr"] *= args.init_lr_frac
+        g["lr"] = g["initial_lr"]
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    wandb_run = init_wandb(args.run, "nanochat-rl", vars(args), master)
+
+    def rollouts(example_index, step):
+        """Yield (inputs, targets, rewards) for device_batch_size samples at a time of one problem."""
+        conversation = train_task[example_index]
+        prompt = tokenizer.render_for_completion(conversation)
+        for k in range(passes):
+            model.eval()
+            seed = hash((step, example_index, k)) & 0x7FFFFFFF
+            sequences, masks = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=args.max_new_tokens,
+                                                     temperature=args.temperature, top_k=args.top_k, seed=seed)
+            model.train()
+            rewards = [train_task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+            width = max(len(s) for s in sequences)
+            ids = torch.tensor([s + [assistant_end] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
+            mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long, device=device)
+            targets = torch.where(mask[:, 1:] == 1, ids[:, 1:], -1)  # only the sampled tokens: not prompt, tool output, pad
+            yield ids[:, :-1], targets, torch.tensor(rewards, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def pass_at_k():
+        """pass@k for k = 1..device_batch_size on the first eval_examples test problems, sampled at the run's temperature."""
+        model.eval()
+        hits = torch.zeros(args.device_batch_size, device=device)
+        total = torch.zeros((), device=device)
+        for i in range(rank, min(args.eval_examples, len(val_task)), world_size):
+            conversation = val_task[i]
+            prompt = tokenizer.render_for_completion(conversation)
+            sequences, _ = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=args.max_new_tokens,
+                                                 temperature=args.temperature, top_k=args.top_k, seed=i)
+            correct = [val_task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+            hits += torch.tensor([float(any(correct[:k + 1])) for k in range(len(correct))], device=device)
+            total += 1
+        if ddp:
+            dist.all_reduce(hits)
+            dist.all_reduce(total)
+        model.train()
+        return (hits / total.clamp(min=1)).tolist()
+
+    checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", os.path.basename(source_dir))
+
+    def save(step):
+        save_checkpoint(checkpoint_dir, step, model.state_dict(), None, rank)
+        if ddp:
+            dist.barrier()
+        if master:
+            save_meta(checkpoint_dir, step, {"step": step, "model_config": dataclasses.asdict(model.config), "user_config": vars(args)})
+
+    print0(f"RL: {num_steps} steps of {args.examples_per_step} problems x {args.num_samples} samples on {world_size} processes")
+    pass_k, mean_reward, t_start = None, None, time.time()
+    for step in range(num_steps + 1):
+        if step % args.eval_every == 0 or step == num_steps:
+            pass_k = pass_at_k()
+            print0(f"step {step:05d} | " + " | ".join(f"pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_k)))
+            wandb_run.log({"step": step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_k)}})
+        if step > 0 and (step % args.save_every == 0 or step == num_steps):
+            save(step)
+        if step == num_steps:
+            break
+
+        t0, rewards_seen = time.time(), []
+        for j in range(examples_per_rank):
+            index = (step * args.examples_per_step + rank + j * world_size) % len(train_task)
+            group = list(rollouts(index, step))
+            rewards = torch.cat([r for _, _, r in group])
+            advantages = rewards - rewards.mean()  # relative to the group; not divided by the std
+            rewards_seen.append(rewards.mean().item())
+            for k, (inputs, targets, _) in enumerate(group):
+                logp = -model(inputs, targets, loss_reduction="none").view_as(targets)
+                valid = (targets >= 0).float()
+                adv = advantages[k * args.device_batch_size:(k + 1) * args.device_batch_size].unsqueeze(1)
+                objective = (logp * adv * valid).sum() / (valid.sum().clamp(min=1) * passes * examples_per_rank)
+                (-objective).backward()
+        lrm = 1.0 - step / num_steps
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lrm
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        stats = torch.tensor(rewards_seen, device=device).mean()
+        if ddp:
+            dist.all_reduce(stats)
+            stats /= world_size
+        mean_reward = stats.item()
+        print0(f"step {step + 1:05d}/{num_steps:05d} | mean reward: {mean_reward:.4f} | lrm: {lrm:.3f} | dt: {time.time() - t0:.2f}s")
+        wandb_run.log({"step": step + 1, "reward": mean_reward, "lrm": lrm})
+    wandb_run.finish()
+    print_result("chat_rl", checkpoint_dir=checkpoint_dir, steps=num_steps, data=args.data, mean_reward=mean_reward,
+                 pass_at_k=pass_k, seconds=round(time.time() - t_start, 2), world_size=world_size)
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)
