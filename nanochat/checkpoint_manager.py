@@ -50,16 +50,22 @@ def checkpoint_steps(checkpoint_dir):
     return sorted(steps)
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+def optimizer_shard_count(checkpoint_dir, step):
+    """How many processes saved this step's optimizer state (each wrote its own shard)."""
+    return len(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, world_size=1):
     with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json")) as f:
         meta = json.load(f)
     model_state = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
     optimizer_state = None
     if load_optimizer:
-        path = os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
-        if not os.path.exists(path):
-            raise UserError(f"{path} is missing: resume with the same number of processes that saved the checkpoint")
-        optimizer_state = torch.load(path, map_location=device)
+        saved_by = optimizer_shard_count(checkpoint_dir, step)
+        if saved_by != world_size:
+            raise UserError(f"the optimizer state of {checkpoint_dir} step {step} was saved by {saved_by} processes, "
+                            f"this run has {world_size}: use {saved_by} (its shards cannot be split differently)")
+        optimizer_state = torch.load(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"), map_location=device)
     return model_state, optimizer_state, meta
 
 

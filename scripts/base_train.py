@@ -109,7 +109,7 @@ def main(argv=None):
     resume = None
     if args.resume_from_step >= 0:
         model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                         load_optimizer=True, rank=rank)
+                                                         load_optimizer=True, rank=rank, world_size=world_size)
         model.load_state_dict(model_state, strict=True, assign=True)
         model.cast_embeddings()
         resume = (optim_state, meta)

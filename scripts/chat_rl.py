@@ -23,7 +23,7 @@ def main(argv=None):
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     p.add_argument("--source", default="sft", choices=["mid", "sft"], help="checkpoint to start from")
     p.add_argument("--model-tag", default=None)
-    p.add_argument("--model-step", type=int, default=None)
+    p.add_argument("--model-step", "--step", type=int, default=None)
     p.add_argument("--data", choices=["hub", "offline"], default="hub", help="hub: GSM8K; offline: synthetic problems")
     p.add_argument("--num-epochs", type=int, default=1)
     p.add_argument("--num-steps", type=int, default=-1, help="steps (-1 = num_epochs over the training problems)")

@@ -53,7 +53,7 @@ def parse_args(argv, stage):
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     p.add_argument("--source", default=STAGES[stage][0], choices=["base", "mid", "sft"], help="checkpoint to start from")
     p.add_argument("--model-tag", default=None, help="source checkpoint tag (default: the largest d<N>)")
-    p.add_argument("--model-step", type=int, default=None, help="source checkpoint step (default: the last)")
+    p.add_argument("--model-step", "--step", type=int, default=None, help="source checkpoint step (default: the last)")
     p.add_argument("--data", choices=["hub", "offline"], default="hub",
                    help="hub: the reference mixture from Hugging Face; offline: identity, synthetic math and spelling only")
     p.add_argument("--load-optimizer", type=int, default=1, help="start from the source's optimizer momenta (1) or not (0)")
@@ -85,7 +85,8 @@ def main(argv=None, stage="sft"):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import find_checkpoint, load_checkpoint, load_model, save_checkpoint, save_meta
+    from nanochat.checkpoint_manager import (find_checkpoint, load_checkpoint, load_model, optimizer_shard_count,
+                                             save_checkpoint, save_meta)
     from nanochat.dataloader import conversation_batches
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.optimizers import progress_lr_multiplier
@@ -116,15 +117,17 @@ def main(argv=None, stage="sft"):
     optimizer = model.setup_optimizer(unembedding_lr=lrs["unembedding_lr"], embedding_lr=lrs["embedding_lr"],
                                       matrix_lr=lrs["matrix_lr"], weight_decay=0.0)
     if args.load_optimizer:
-        optim_path = os.path.join(source_dir, f"optim_{source_step:06d}_rank{rank}.pt")
-        if os.path.exists(optim_path):
-            _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank)
+        saved_by = optimizer_shard_count(source_dir, source_step)
+        if saved_by == world_size:
+            _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
+                                                world_size=world_size)
             fresh = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
             optimizer.load_state_dict(optim_state)  # the momenta; the learning rates are set afresh below
             for g, (lr, initial) in zip(optimizer.param_groups, fresh):
                 g["lr"], g["initial_lr"] = lr, initial
         else:
-            print0(f"no optimizer state at {optim_path} (saved by another number of processes?): starting it fresh")
+            print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: "
+                   "starting the optimizer fresh (or run with as many processes)")
     for g in optimizer.param_groups:
         g["initial_lr"] *= args.init_lr_frac
         g["lr"] = g["initial_lr"]
