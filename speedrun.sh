@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The $100 tier: the whole nanochat pipeline on one 8-GPU node. It installs what it needs.
-#   bash speedrun.sh                  (DEPTH=24 or 26 for bigger models; NPROC=4 on fewer GPUs: gradient accumulation compensates)
-# Stages so far: data -> tokenizer -> base pretraining -> base evaluation. The chat stages and the report join as they land.
+#   bash speedrun.sh        (DEPTH=24 or 26 for bigger models; NPROC=4 on fewer GPUs: gradient accumulation compensates;
+#                            RL=1 to add reinforcement learning on GSM8K)
+# Stages: data -> tokenizer -> pretraining -> base evaluation -> midtraining -> SFT -> chat evaluation (RL optional).
+# The report card joins when it lands.
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
@@ -22,3 +24,12 @@ wait $DOWNLOAD_PID
 torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train -- --depth="$DEPTH" --run="$WANDB_RUN"
 torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_loss
 torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_eval
+torchrun --standalone --nproc_per_node="$NPROC" -m scripts.mid_train -- --run="$WANDB_RUN"
+torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval -- -i mid
+torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_sft -- --run="$WANDB_RUN"
+torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval -- -i sft
+if [ "${RL:-0}" = 1 ]; then  # optional: RL on GSM8K
+    torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_rl -- --run="$WANDB_RUN"
+    torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval -- -i rl -a GSM8K
+fi
+echo "talk to it: python -m scripts.chat_web (then open http://localhost:8000) or python -m scripts.chat_cli"

@@ -229,20 +229,32 @@ class Engine:
 class TextStream:
     """
     Generated token ids in, display text out, one token at a time: UTF-8 characters split across tokens come out
-    whole, and tool use reads as "[calculator: 12*3] = 36".
+    whole, and tool use reads as "[calculator: 12*3 = 36]".
     """
-
-    LABELS = {"<|python_start|>": "[calculator: ", "<|python_end|>": "]", "<|output_start|>": " = ", "<|output_end|>": ""}
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.labels = {tokenizer.encode_special(name): text for name, text in self.LABELS.items()}
+        sp = tokenizer.encode_special
+        self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
+        self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
         self.specials = tokenizer.special_token_ids()
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.awaiting_output = False  # after <|python_end|>: the call's bracket closes after its output
 
     def push(self, token):
-        if token in self.labels:
-            return self.decoder.decode(b"", final=True) + self.labels[token]
+        text = self.decoder.decode(b"", final=True) if token in self.specials else ""  # flush before a marker
+        if self.awaiting_output:
+            self.awaiting_output = False
+            if token == self.output_start:
+                return text + " = "
+            text += "]"  # the calculator gave no output: close the call here
+        if token == self.python_start:
+            return text + "[calculator: "
+        if token == self.python_end:
+            self.awaiting_output = True
+            return text
+        if token == self.output_end:
+            return text + "]"
         if token in self.specials:  # end of turn and the like: not text
-            return self.decoder.decode(b"", final=True)
-        return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+            return text
+        return text + self.decoder.decode(self.tokenizer.decode_single_token_bytes(token))

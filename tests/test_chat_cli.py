@@ -42,5 +42,8 @@ def test_text_stream_shows_tool_calls_and_whole_characters(tokenizer):
     ids = [*tokenizer.encode("so "), sp("<|python_start|>"), *tokenizer.encode("12*3"), sp("<|python_end|>"),
            sp("<|output_start|>"), *tokenizer.encode("36"), sp("<|output_end|>"), *tokenizer.encode(" café 🤖")]
     pieces = [stream.push(t) for t in ids]
-    assert "".join(pieces) == "so [calculator: 12*3] = 36 café 🤖"
+    assert "".join(pieces) == "so [calculator: 12*3 = 36] café 🤖"
     assert all("\ufffd" not in p for p in pieces)  # multi-byte characters are never split into halves
+    stream = TextStream(tokenizer)  # a call the calculator could not answer still closes
+    ids = [sp("<|python_start|>"), *tokenizer.encode("x+1"), sp("<|python_end|>"), *tokenizer.encode(" ok")]
+    assert "".join(stream.push(t) for t in ids) == "[calculator: x+1] ok"
