@@ -219,8 +219,16 @@ class Flags(argparse.ArgumentParser):
 
 
 def print_result(stage, **fields):
-    """The last stdout line of every script: one JSON object that run scripts and tools read (rank 0 only)."""
-    print0(json.dumps({"stage": stage, **fields}))
+    """
+    The last stdout line of every script: one JSON object that run scripts and tools read (rank 0 only).
+    Pipeline stages' results also become their section of the report card.
+    """
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    result = {"stage": stage, **fields}
+    from nanochat.report import log_result  # here, not at the top: report imports this module
+    log_result(result)
+    print(json.dumps(result), flush=True)
 
 
 def run_cli(main):

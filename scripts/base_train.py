@@ -191,6 +191,7 @@ def main(argv=None):
     wandb_run = init_wandb(args.run, "nanochat", vars(args), master)
     peak_flops = get_peak_flops(device)
     val_bpb, core_metric, mfu, tok_per_sec, smooth_loss = None, None, None, None, None
+    curve = {"train_loss": [], "val_bpb": []}  # for the report card's picture, at most ~200 points
     ema_beta = 0.9
     while True:
         last_step = step == num_iterations
@@ -201,6 +202,7 @@ def main(argv=None):
             val_bpb = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
             val_loader.close()
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
+            curve["val_bpb"].append((step, round(val_bpb, 5)))
             print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             model.train()
@@ -278,6 +280,8 @@ def main(argv=None):
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {f'{mfu:.2f}' if mfu else 'n/a'} | "
                f"epoch: {next_state['epoch']} pq: {next_state['pq_idx']} rg: {next_state['rg_idx']} | "
                f"total time: {loop['total_training_time'] / 60:.2f}m | eta: {eta:.1f}m")
+        if step % max(1, num_iterations // 200) == 0:
+            curve["train_loss"].append((step, round(smooth_loss, 5)))
         if step % 100 == 0:
             wandb_run.log({"step": step, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt,
                            "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": next_state["epoch"]})
@@ -303,7 +307,8 @@ def main(argv=None):
                  val_bpb=val_bpb, min_val_bpb=loop["min_val_bpb"], core_metric=core_metric,
                  train_loss=smooth_loss,
                  tok_per_sec=tok_per_sec, mfu=mfu, total_training_time=loop["total_training_time"],
-                 peak_memory_mib=round(peak_mem, 1), compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size)
+                 peak_memory_mib=round(peak_mem, 1), compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size,
+                 curve=curve)
     compute_cleanup()
 
 

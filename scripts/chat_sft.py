@@ -169,6 +169,7 @@ def main(argv=None, stage="sft"):
     # --- the loop: until one epoch (or --num-iterations) is done, then a last evaluation and the save ---
     x, y, info = next(train_loader)
     step, val_bpb, min_val_bpb, train_time, chat_core, smooth_loss = 0, None, float("inf"), 0.0, None, 0.0
+    curve = {"train_loss": [], "val_bpb": []}  # for the report card's picture
     while True:
         progress = step / args.num_iterations if args.num_iterations > 0 else info["progress"]
         last_step = progress >= 1.0
@@ -181,6 +182,7 @@ def main(argv=None, stage="sft"):
             val_loader = conversation_batches(tokenizer, val_ds, B, T, device, rank, world_size)
             val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
+            curve["val_bpb"].append((step, round(val_bpb, 5)))
             print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             model.train()
@@ -215,6 +217,8 @@ def main(argv=None, stage="sft"):
         debiased = smooth_loss / (1 - 0.9 ** step)
         print0(f"step {step:05d} ({100 * min(progress, 1):.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
                f"tok/sec: {total_batch_size / dt:,.0f} | epoch: {info['epoch']}")
+        if args.num_iterations <= 0 or step % max(1, args.num_iterations // 200) == 0:
+            curve["train_loss"].append((step, round(debiased, 5)))
         if step % 10 == 0:
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": total_batch_size / dt})
         if step == 1:
@@ -237,7 +241,7 @@ def main(argv=None, stage="sft"):
     wandb_run.finish()
     print_result(f"chat_{stage}" if stage == "sft" else "mid_train", checkpoint_dir=checkpoint_dir, step=step, data=args.data,
                  train_loss=smooth_loss / (1 - 0.9 ** step) if step else None, val_bpb=val_bpb, min_val_bpb=min_val_bpb,
-                 chatcore=chat_core, total_training_time=train_time, world_size=world_size)
+                 chatcore=chat_core, total_training_time=train_time, world_size=world_size, curve=curve)
     compute_cleanup()
 
 
