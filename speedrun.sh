@@ -3,7 +3,7 @@
 #   bash speedrun.sh        (DEPTH=24 or 26 for bigger models; NPROC=4 on fewer GPUs: gradient accumulation compensates;
 #                            RL=1 to add reinforcement learning on GSM8K)
 # Stages: data -> tokenizer -> pretraining -> base evaluation -> midtraining -> SFT -> chat evaluation (RL optional).
-# The report card joins when it lands.
+# It ends with report.md, the report card.
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
@@ -12,6 +12,7 @@ DEPTH="${DEPTH:-20}"
 NPROC="${NPROC:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 source runs/setup.sh
+python -m nanochat.report reset
 
 # 8 shards (~2B chars) are enough for the tokenizer; the rest of pretraining's ~170 shards download meanwhile
 python -m nanochat.dataset -n 8
@@ -32,4 +33,5 @@ if [ "${RL:-0}" = 1 ]; then  # optional: RL on GSM8K
     torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_rl -- --run="$WANDB_RUN"
     torchrun --standalone --nproc_per_node="$NPROC" -m scripts.chat_eval -- -i rl -a GSM8K
 fi
+python -m nanochat.report generate
 echo "talk to it: python -m scripts.chat_web (then open http://localhost:8000) or python -m scripts.chat_cli"

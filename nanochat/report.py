@@ -164,8 +164,8 @@ def curves_svg(sections, width=720, height=260):
     return "\n".join(parts)
 
 
-def generate():
-    """Render report.md (and copy it to the working directory)."""
+def generate(copy_to="."):
+    """Render report.md, and copy it (with its picture) to copy_to, the working directory by default."""
     folder = report_dir()
     header_path = os.path.join(folder, "header.json")
     header = json.load(open(header_path)) if os.path.exists(header_path) else None
@@ -203,28 +203,29 @@ def generate():
     if svg:
         with open(os.path.join(folder, "curves.svg"), "w") as f:
             f.write(svg)
-        shutil.copy(os.path.join(folder, "curves.svg"), "report_curves.svg")
+        shutil.copy(os.path.join(folder, "curves.svg"), os.path.join(copy_to, "report_curves.svg"))
         out += ["![training curves](report_curves.svg)", ""]
     text = "\n".join(out)
     path = os.path.join(folder, "report.md")
     with open(path, "w") as f:
         f.write(text)
-    shutil.copy(path, "report.md")
+    shutil.copy(path, os.path.join(copy_to, "report.md"))
     return path, columns
 
 
 def main(argv=None):
     parser = Flags(description="The report card: reset at the start of a run, generate at the end.")
     parser.add_argument("command", choices=["reset", "generate"])
+    parser.add_argument("--copy-to", default=".", help="generate: where to put a copy of report.md")
     args = parser.parse_args(argv)
     if args.command == "reset":
         header = reset()
         print(f"report reset in {report_dir()}")
         print_result("report", command="reset", started=header["started"], code=header["code"])
     else:
-        path, columns = generate()
+        path, columns = generate(args.copy_to)
         print(open(path).read())
-        print_result("report", command="generate", report=path, copy=os.path.abspath("report.md"),
+        print_result("report", command="generate", report=path, copy=os.path.abspath(os.path.join(args.copy_to, "report.md")),
                      summary={k: v for k, v in columns.items() if v})
 
 

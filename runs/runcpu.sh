@@ -17,6 +17,8 @@ SFT_STEPS="${SFT_STEPS:-200}"
 RL_STEPS="${RL_STEPS:-20}"
 EVAL_TOKENS="${EVAL_TOKENS:-65536}"
 EVAL_PROBLEMS="${EVAL_PROBLEMS:-64}"
+CHAT_DATA="${CHAT_DATA:-auto}"        # hub, offline, or auto: the hub if it answers
+RUN_CORE="${RUN_CORE:-1}"              # 0 skips CORE (it downloads its eval bundle once)
 source runs/setup.sh
 python -m nanochat.report reset
 
@@ -40,15 +42,21 @@ python -m scripts.base_train --depth="$DEPTH" --head-dim=64 --window-pattern=L -
     --warmup-steps=20 --eval-every=200 --eval-tokens="$EVAL_TOKENS" --core-metric-every=-1 --sample-every=400
 python -m scripts.base_loss --device-batch-size="$DEVICE_BATCH" --split-tokens="$EVAL_TOKENS"
 # CORE needs the eval bundle from the internet once: offline it says so and the pipeline goes on
-python -m scripts.base_eval --max-per-task=16 || echo "CORE skipped (see the line above)"
+if [ "$RUN_CORE" = 1 ]; then
+    python -m scripts.base_eval --max-per-task=16 || echo "CORE skipped (see the line above)"
+fi
 
 # Chat stages: the reference's mixtures from the Hugging Face hub when it answers, else the offline ones
-if python -c "import sys; from tasks.common import hub_reachable; sys.exit(not hub_reachable())"; then
-    CHAT_DATA=hub; EVAL_TASKS="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee"
-else
-    CHAT_DATA=offline; EVAL_TASKS="SyntheticMath|SpellingBee|HumanEval"
-    echo "the Hugging Face hub is unreachable: the chat stages use the offline data"
+if [ "$CHAT_DATA" = auto ]; then
+    if python -c "import sys; from tasks.common import hub_reachable; sys.exit(not hub_reachable())"; then
+        CHAT_DATA=hub
+    else
+        CHAT_DATA=offline
+        echo "the Hugging Face hub is unreachable: the chat stages use the offline data"
+    fi
 fi
+if [ "$CHAT_DATA" = hub ]; then EVAL_TASKS="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee"
+else EVAL_TASKS="SyntheticMath|SpellingBee|HumanEval"; fi
 TRAIN_FLAGS=(--data="$CHAT_DATA" --device-batch-size="$DEVICE_BATCH" --total-batch-size="$TOTAL_BATCH"
              --eval-every=100 --eval-tokens="$EVAL_TOKENS")
 python -m scripts.mid_train "${TRAIN_FLAGS[@]}" --num-iterations="$MID_STEPS"
@@ -59,5 +67,5 @@ python -m scripts.chat_rl --data="$CHAT_DATA" --num-steps="$RL_STEPS" --examples
     --device-batch-size=8 --max-new-tokens=128 --eval-every="$RL_STEPS" --eval-examples=16
 python -m scripts.chat_eval -i rl -a "$EVAL_TASKS" -x "$EVAL_PROBLEMS" -m 128
 
-python -m nanochat.report generate
+python -m nanochat.report generate --copy-to="${REPORT_COPY_TO:-.}"
 echo "talk to it: python -m scripts.chat_cli -i rl   (or in a browser: python -m scripts.chat_web -i rl)"

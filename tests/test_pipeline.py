@@ -1,0 +1,44 @@
+"""The whole pipeline as a user runs it, at micro scale, offline: bash runs/runcpu.sh from tokenizer to report card."""
+
+import json
+import os
+import subprocess
+
+from conftest import make_docs
+from nanochat import dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = {"DEPTH": "2", "SEQ_LEN": "64", "DEVICE_BATCH": "4", "TOTAL_BATCH": "256", "BASE_STEPS": "6", "MID_STEPS": "3",
+         "SFT_STEPS": "3", "RL_STEPS": "1", "EVAL_TOKENS": "512", "EVAL_PROBLEMS": "2", "CHAT_DATA": "offline",
+         "RUN_CORE": "0", "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+
+
+def test_runcpu_end_to_end_at_micro_scale(base_dir, tmp_path):
+    shards = base_dir / "base_data_climbmix"  # the corpus is in place, so nothing is downloaded
+    shards.mkdir(parents=True)
+    docs = make_docs(1200, seed=3, max_words=80)
+    dataset.write_shard(docs[:1100], str(shards / dataset.shard_name(0)))
+    dataset.write_shard(docs[1100:], str(shards / dataset.shard_name(1)))
+    env = {**os.environ, **MICRO, "NANOCHAT_BASE_DIR": str(base_dir), "REPORT_COPY_TO": str(tmp_path)}
+    proc = subprocess.run(["bash", "runs/runcpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"stage"')]
+    stages = [r["stage"] for r in results]
+    assert stages == ["report", "tok_train", "tok_eval", "base_train", "base_loss", "mid_train", "chat_eval", "chat_sft",
+                      "chat_eval", "chat_rl", "chat_eval", "report"]
+    assert [r["source"] for r in results if r["stage"] == "chat_eval"] == ["mid", "sft", "rl"]
+    assert results[3]["num_iterations"] == 6 and results[5]["step"] == 3
+
+    report = (tmp_path / "report.md").read_text()
+    for title in ("Tokenizer training", "Base model training", "Midtraining", "Supervised finetuning",
+                  "Reinforcement learning", "Chat evaluation (rl)", "Summary"):
+        assert f"## {title}" in report
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0] == "| Metric | BASE | MID | SFT | RL |"
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table[1:]}
+    assert set(rows) == {"HumanEval", "SpellingBee", "SyntheticMath"}
+    for cells in rows.values():  # BASE has no chat evaluation; MID, SFT and RL each have a number
+        assert cells[0] == "-" and all(0 <= float(c.strip(" |")) <= 1 for c in cells[1:])
+    assert "Total wall clock time" in report and (tmp_path / "report_curves.svg").exists()
+    assert "talk to it: python -m scripts.chat_cli -i rl" in proc.stdout
