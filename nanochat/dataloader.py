@@ -23,6 +23,15 @@ from nanochat.common import UserError, get_dist_info
 from nanochat.dataset import split_files
 
 
+def to_device(array, device):
+    """A numpy batch as a tensor on device: on CUDA one pinned host buffer and one async copy (the caching host
+    allocator keeps the buffer alive until the copy ends)."""
+    batch = torch.from_numpy(array)
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch if device.type == "cpu" else batch.to(device)
+
+
 def document_chunks(files, position, rank, world_size, chunk_docs):
     """
     Yield (doc_ids, texts, next_position) forever, epoch after epoch. A doc id is (pq_idx, rg_idx, row);
@@ -147,12 +156,7 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
                     del lengths[i], buffered_ids[i]
                     rows[b, filled:filled + len(doc)] = doc
                     filled += len(doc)
-            both = torch.from_numpy(np.stack([rows[:, :-1], rows[:, 1:]]))  # (2, B, T): inputs, targets
-            if device.type == "cuda":
-                # one pinned host buffer, one async copy; the caching host allocator keeps it alive until the copy ends
-                both = both.pin_memory().to(device, non_blocking=True)
-            elif device.type != "cpu":
-                both = both.to(device)
+            both = to_device(np.stack([rows[:, :-1], rows[:, 1:]]), device)  # (2, B, T): inputs, targets
             state = {"epoch": position[0], "pq_idx": position[1], "rg_idx": position[2], "row": position[3],
                      "rank": rank, "world_size": world_size, "buffer": [list(i) for i in buffered_ids]}
             yield both[0], both[1], state
@@ -198,9 +202,5 @@ def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_s
                 masks[b, filled:filled + len(ids)] = mask
                 filled += len(ids)
         targets = np.where(masks[:, 1:] == 1, tokens[:, 1:], -1)
-        both = torch.from_numpy(np.stack([tokens[:, :-1], targets]))
-        if device.type == "cuda":
-            both = both.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            both = both.to(device)
+        both = to_device(np.stack([tokens[:, :-1], targets]), device)
         yield both[0], both[1], {"epoch": int(progress) + 1, "progress": progress}

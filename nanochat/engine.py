@@ -135,10 +135,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
 
 
 class RowState:
-    """One sample's progress: its tokens, tokens queued to be forced (tool output), and the tool-call buffer."""
+    """One sample's progress: tokens queued to be forced (tool output), the tool-call buffer, whether it ended."""
 
-    def __init__(self, tokens):
-        self.tokens = list(tokens)
+    def __init__(self):
         self.forced = deque()
         self.python_expr = None  # a list while inside <|python_start|> ... <|python_end|>
         self.completed = False
@@ -176,7 +175,7 @@ class Engine:
         cache = KVCache.for_model(model, num_samples, capacity)
         cache.prefill(prefill_cache)
         del prefill_cache
-        rows = [RowState(tokens) for _ in range(num_samples)]
+        rows = [RowState() for _ in range(num_samples)]
 
         generated = 0
         while max_tokens is None or generated < max_tokens:
@@ -189,7 +188,6 @@ class Engine:
                 token = row.forced.popleft() if is_forced else token
                 column.append(token)
                 masks.append(0 if is_forced else 1)
-                row.tokens.append(token)
                 if token in stops:
                     row.completed = True
                 # the tool state machine
