@@ -55,30 +55,69 @@ def optimizer_shard_count(checkpoint_dir, step):
     return len(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, world_size=1):
-    with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json")) as f:
-        meta = json.load(f)
-    model_state = torch.load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), map_location=device)
+def _read(path, reader, checkpoint_dir, step_flag):
+    """Read one checkpoint file; a missing, damaged or cut-off file is one clear error naming it and what to do."""
+    try:
+        return reader(path)
+    except Exception as e:  # torch.load and json raise many kinds for a truncated file
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        problem = "is missing" if isinstance(e, FileNotFoundError) else f"cannot be read ({reason}): it is damaged or incomplete"
+        raise UserError(f"{path} {problem}; pick an earlier step with {step_flag} "
+                        f"(saved: {', '.join(map(str, checkpoint_steps(checkpoint_dir)))}) or retrain") from None
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, world_size=1, step_flag="--step"):
+    steps = checkpoint_steps(checkpoint_dir)
+    if step not in steps:
+        raise UserError(f"{checkpoint_dir} has no step {step}: pick one with {step_flag} "
+                        f"(saved: {', '.join(map(str, steps)) or 'none'})")
+    read = lambda name, reader: _read(os.path.join(checkpoint_dir, name), reader, checkpoint_dir, step_flag)
+    torch_load = lambda path: torch.load(path, map_location=device)
+    meta = read(f"meta_{step:06d}.json", _read_json)
+    model_state = read(f"model_{step:06d}.pt", torch_load)
     optimizer_state = None
     if load_optimizer:
         saved_by = optimizer_shard_count(checkpoint_dir, step)
         if saved_by != world_size:
             raise UserError(f"the optimizer state of {checkpoint_dir} step {step} was saved by {saved_by} processes, "
                             f"this run has {world_size}: use {saved_by} (its shards cannot be split differently)")
-        optimizer_state = torch.load(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"), map_location=device)
+        optimizer_state = read(f"optim_{step:06d}_rank{rank}.pt", torch_load)
     return model_state, optimizer_state, meta
+
+
+def check_tokenizer(meta, tokenizer, checkpoint_dir):
+    """The tokenizer on disk must be the one the checkpoint was trained with: same size is not enough."""
+    from nanochat.tokenizer import tokenizer_dir
+    saved = meta.get("tokenizer")  # checkpoints from before fingerprints carry none: only the size can be checked
+    if saved is not None and saved != tokenizer.fingerprint():
+        raise UserError(f"the tokenizer in {tokenizer_dir()} (fingerprint {tokenizer.fingerprint()}) is not the one "
+                        f"{checkpoint_dir} was trained with ({saved}): restore that tokenizer, or retrain the model")
+    vocab_size = meta["model_config"]["vocab_size"]
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but {checkpoint_dir} was trained with "
+                        f"{vocab_size}: the tokenizer was retrained since; restore it or retrain the model")
 
 
 def build_model(checkpoint_dir, step, device, compute_dtype, phase="eval"):
     """A GPT with the checkpoint's weights; phase 'train' or 'eval' sets the module mode."""
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config, compute_dtype=compute_dtype)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (rotary tables) and the embedding dtypes; the weights are overwritten next
-    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
-    model.load_state_dict(model_state, strict=True, assign=True)
+    try:
+        config = GPTConfig(**meta["model_config"])
+        with torch.device("meta"):
+            model = GPT(config, compute_dtype=compute_dtype)
+        model.to_empty(device=device)
+        model.init_weights()  # buffers (rotary tables) and the embedding dtypes; the weights are overwritten next
+        model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+        model.load_state_dict(model_state, strict=True, assign=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a meta or state dict from some other model
+        reason = " ".join(str(e).split())[:240] or type(e).__name__
+        raise UserError(f"{checkpoint_dir} step {step} does not describe a model this code can build ({reason}): "
+                        "retrain it, or load it with the nanochat version that wrote it") from None
     model.cast_embeddings()  # the saved embeddings carry the dtype of the run that saved them
     model.train(phase == "train")
     return model, meta
@@ -118,7 +157,5 @@ def load_model(source, device, compute_dtype, phase="eval", model_tag=None, step
     checkpoint_dir, step = find_checkpoint(source, model_tag, step)
     model, meta = build_model(checkpoint_dir, step, device, compute_dtype, phase)
     tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != model.config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model was trained with "
-                        f"{model.config.vocab_size}: the tokenizer was retrained since; retrain the model or restore it")
+    check_tokenizer(meta, tokenizer, checkpoint_dir)
     return model, tokenizer, meta

@@ -11,6 +11,7 @@ documents, and a loader started from it yields exactly the batches an uninterrup
 """
 
 import bisect
+import itertools
 import queue
 import threading
 from collections import defaultdict
@@ -32,10 +33,10 @@ def to_device(array, device):
     return batch if device.type == "cpu" else batch.to(device)
 
 
-def document_chunks(files, position, rank, world_size, chunk_docs):
+def document_chunks(files, position, rank, world_size, chunk_docs, epochs=None):
     """
-    Yield (doc_ids, texts, next_position) forever, epoch after epoch. A doc id is (pq_idx, rg_idx, row);
-    a position is (epoch, pq_idx, rg_idx, row) of the next document to read.
+    Yield (doc_ids, texts, next_position) epoch after epoch, forever or until `epochs` are read. A doc id is
+    (pq_idx, rg_idx, row); a position is (epoch, pq_idx, rg_idx, row) of the next document to read.
     """
     epoch, pq_start, rg_start, row_start = position
     while True:
@@ -55,12 +56,14 @@ def document_chunks(files, position, rank, world_size, chunk_docs):
         if full_epoch and not produced:
             raise UserError(f"rank {rank} of {world_size} got no documents: the split has fewer row groups "
                             f"({len(files)} shards) than ranks; add data or use fewer ranks")
+        if epochs is not None and epoch >= epochs:
+            return
         epoch, pq_start = epoch + 1, 0
 
 
 def _tokenize_ahead(chunks, tokenizer, threads, out, stop):
     """
-    Background thread: tokenize chunks (tiktoken releases the GIL) and queue them in order.
+    Background thread: tokenize chunks (tiktoken releases the GIL) and queue them in order, then None at the end.
     It ends when the loader is closed or the main thread exits, so an abandoned loader never blocks shutdown.
     """
     def running():
@@ -80,6 +83,7 @@ def _tokenize_ahead(chunks, tokenizer, threads, out, stop):
                 return
             tokens = tokenizer.encode(texts, prepend=bos, num_threads=threads)
             put((doc_ids, [np.array(t, dtype=np.int32) for t in tokens], after))
+        put(None)
     except BaseException as e:  # hand any failure to the consumer, which re-raises it
         put(e)
 
@@ -99,10 +103,13 @@ def _restore_buffer(files, doc_ids, tokenizer):
 
 
 def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, tokenizer_threads=4,
-                                       tokenizer_batch_size=128, buffer_size=1000, data_dir=None, rank=None, world_size=None):
+                                       tokenizer_batch_size=128, buffer_size=1000, data_dir=None, rank=None, world_size=None,
+                                       epochs=None):
     """
-    Yield (inputs, targets, state) forever: inputs and targets are (B, T) int64 on device, targets shifted by one.
-    Pass a yielded state as resume_state to continue right after that batch. rank/world_size default to torchrun's.
+    Yield (inputs, targets, state): inputs and targets are (B, T) int64 on device, targets shifted by one.
+    Forever, or with epochs=N until N passes over this rank's documents are used up (evaluation: one pass), the last
+    batch padded with targets -1. Pass a yielded state as resume_state to continue right after that batch.
+    rank/world_size default to torchrun's.
     """
     if rank is None:
         _, rank, _, world_size = get_dist_info()
@@ -124,15 +131,20 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
 
     chunks = queue.Queue(maxsize=4)
     stop = threading.Event()
-    reader = document_chunks(files, position, rank, world_size, tokenizer_batch_size)
+    reader = document_chunks(files, position, rank, world_size, tokenizer_batch_size, epochs)
     threading.Thread(target=_tokenize_ahead, args=(reader, tokenizer, tokenizer_threads, chunks, stop)).start()
 
+    exhausted = False
+
     def refill():
-        nonlocal position
-        while len(docs) < buffer_size:
+        nonlocal position, exhausted
+        while len(docs) < buffer_size and not exhausted:
             item = chunks.get()
             if isinstance(item, BaseException):
                 raise item
+            if item is None:
+                exhausted = True
+                return
             new_ids, new_docs, position = item
             for doc_id, doc in zip(new_ids, new_docs):
                 i = bisect.bisect_right(lengths, len(doc))
@@ -143,20 +155,25 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
     row_len = T + 1
     try:
         while True:
-            rows = np.empty((B, row_len), dtype=np.int64)
+            rows = np.full((B, row_len), tokenizer.get_bos_token_id(), dtype=np.int64)
+            filled = np.zeros(B, dtype=np.int64)  # below row_len only once the documents ran out
             for b in range(B):
-                filled = 0
-                while filled < row_len:
+                while filled[b] < row_len:
                     refill()
-                    room = row_len - filled
+                    if not docs:
+                        break
+                    room = row_len - filled[b]
                     i = bisect.bisect_right(lengths, room) - 1  # the largest document that fits entirely
                     if i < 0:
                         i = 0  # none fits: crop the shortest to fill the row exactly
                     doc = docs.pop(i)[:room]
                     del lengths[i], buffered_ids[i]
-                    rows[b, filled:filled + len(doc)] = doc
-                    filled += len(doc)
-            both = to_device(np.stack([rows[:, :-1], rows[:, 1:]]), device)  # (2, B, T): inputs, targets
+                    rows[b, filled[b]:filled[b] + len(doc)] = doc
+                    filled[b] += len(doc)
+            if filled[0] == 0:
+                return  # the epochs asked for are used up
+            targets = np.where(np.arange(1, row_len) < filled[:, None], rows[:, 1:], -1)
+            both = to_device(np.stack([rows[:, :-1], targets]), device)  # (2, B, T): inputs, targets
             state = {"epoch": position[0], "pq_idx": position[1], "rg_idx": position[2], "row": position[3],
                      "rank": rank, "world_size": world_size, "buffer": [list(i) for i in buffered_ids]}
             yield both[0], both[1], state
@@ -164,12 +181,13 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
         stop.set()
 
 
-def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_size=1, buffer_size=100):
+def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_size=1, buffer_size=100, epochs=None):
     """
-    The finetuning loader. Yield (inputs, targets, info) forever, info = {"epoch", "progress"} (progress counts
-    epochs: 1.0 = one pass over the dataset). Rows are packed best-fit with whole conversations (none is cropped
-    to fit a row: the row is padded instead), targets are -1 wherever the loss should not look: user turns, tool
-    outputs, padding. A conversation longer than a row is truncated to the row, so small --max-seq-len still trains.
+    The finetuning loader. Yield (inputs, targets, info) forever, or with epochs=N until N passes are used up
+    (evaluation: one pass); info = {"epoch", "progress"} (progress counts epochs: 1.0 = one pass over the dataset).
+    Rows are packed best-fit with whole conversations (none is cropped to fit a row: the row is padded instead),
+    targets are -1 wherever the loss should not look: user turns, tool outputs, padding. A conversation longer than
+    a row is truncated to the row, so small --max-seq-len still trains.
     """
     device = torch.device(device)
     row_len, bos, n = T + 1, tokenizer.get_bos_token_id(), len(dataset)
@@ -180,6 +198,8 @@ def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_s
             for i in range(rank, n, world_size):
                 ids, mask = tokenizer.render_conversation(dataset[i], max_tokens=row_len)
                 yield ids, mask, epoch - 1 + (i + 1) / n
+            if epoch == epochs:
+                return
             epoch += 1
 
     stream = rendered()
@@ -187,20 +207,23 @@ def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_s
     while True:
         tokens = np.full((B, row_len), bos, dtype=np.int64)
         masks = np.zeros((B, row_len), dtype=np.int64)
+        placed = 0
         for b in range(B):
             filled = 0
             while filled < row_len:
-                while len(buffer) < buffer_size:
-                    ids, mask, progress = next(stream)
+                for ids, mask, progress in itertools.islice(stream, buffer_size - len(buffer)):
                     buffer.append((ids, mask))
                 room = row_len - filled
                 fits = [i for i, (ids, _) in enumerate(buffer) if len(ids) <= room]
                 if not fits:
-                    break  # pad the rest of the row
+                    break  # pad the rest of the row (or the data ran out)
                 ids, mask = buffer.pop(max(fits, key=lambda i: len(buffer[i][0])))
                 tokens[b, filled:filled + len(ids)] = ids
                 masks[b, filled:filled + len(ids)] = mask
                 filled += len(ids)
+                placed += 1
+        if not placed:
+            return  # the epochs asked for are used up
         targets = np.where(masks[:, 1:] == 1, tokens[:, 1:], -1)
         both = to_device(np.stack([tokens[:, :-1], targets]), device)
         yield both[0], both[1], {"epoch": int(progress) + 1, "progress": progress}

@@ -12,22 +12,25 @@ import torch.distributed as dist
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
-    """Mean bits per byte over `steps` batches of (inputs, targets), summed across ranks."""
-    total_nats = torch.zeros((), dtype=torch.float32, device=model.get_device())
-    total_bytes = torch.zeros((), dtype=torch.int64, device=model.get_device())
-    for _ in range(steps):
-        x, y, *_ = next(batches)
+    """
+    Bits per byte over at most `steps` batches of (inputs, targets), fewer when `batches` runs out first (a one-pass
+    loader over a small split). Returns (bpb, tokens): the mean, and how many targets it covered, summed across ranks.
+    """
+    device = model.get_device()
+    total_nats = torch.zeros((), dtype=torch.float32, device=device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # bytes, tokens
+    for _, (x, y, *_) in zip(range(steps), batches):
         loss = model(x, y, loss_reduction="none").view(-1)  # nats per target
         y = y.reshape(-1)
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
         total_nats += (loss * (nbytes > 0)).sum()
-        total_bytes += nbytes.sum()
+        counts += torch.stack([nbytes.sum(), valid.sum()])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    nbytes = total_bytes.item()
-    return total_nats.item() / (math.log(2) * nbytes) if nbytes > 0 else float("inf")
+        dist.all_reduce(counts)
+    nbytes, tokens = counts.tolist()
+    return (total_nats.item() / (math.log(2) * nbytes) if nbytes > 0 else float("inf")), tokens
 
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",

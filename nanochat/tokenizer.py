@@ -4,9 +4,10 @@ Also renders chat conversations into token ids plus a loss mask for finetuning.
 """
 
 import copy
+import hashlib
 import os
 import pickle
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from nanochat.common import UserError, get_base_dir
 
@@ -50,8 +51,12 @@ class RustBPETokenizer:
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         if not os.path.exists(path):
             raise UserError(f"no tokenizer at {path}: run python -m scripts.tok_train first")
-        with open(path, "rb") as f:
-            return cls(pickle.load(f))
+        try:
+            with open(path, "rb") as f:
+                return cls(pickle.load(f))
+        except Exception as e:  # a truncated or foreign pickle fails in many ways
+            raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}): it is damaged or incomplete; "
+                            "retrain it with python -m scripts.tok_train (then retrain the models, which depend on it)") from None
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
@@ -66,6 +71,19 @@ class RustBPETokenizer:
             pickle.dump(self.enc, f)
         os.replace(path + ".tmp", path)
         return path
+
+    @cached_property
+    def _fingerprint(self):
+        digest = hashlib.sha256(self.enc._pat_str.encode())
+        for i in range(self.enc.n_vocab):  # every token's bytes in id order, the specials by name
+            piece = self.enc.decode_single_token_bytes(i)
+            digest.update(len(piece).to_bytes(4, "little") + piece)
+        return digest.hexdigest()[:16]
+
+    def fingerprint(self):
+        """A short hash of the split pattern and every token, stored in checkpoints: a retrained tokenizer of the
+        same size maps text to other ids, and a model would then read garbage."""
+        return self._fingerprint
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -228,4 +246,8 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise UserError(f"no token_bytes.pt at {path}: run python -m scripts.tok_train first")
-    return torch.load(path, map_location=device)
+    try:
+        return torch.load(path, map_location=device)
+    except Exception as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): it is damaged or incomplete; "
+                        "retrain the tokenizer with python -m scripts.tok_train") from None

@@ -34,12 +34,12 @@ def main(argv=None):
     tokens_per_step = args.device_batch_size * T * world_size
     steps = max(1, args.split_tokens // tokens_per_step)
     token_bytes = get_token_bytes(device)
-    bpb = {}
-    for split in ("train", "val"):
-        loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, T, split, device=device)
-        bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+    bpb, evaluated = {}, {}
+    for split in ("train", "val"):  # at most one pass over each split, however small
+        loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, T, split, device=device, epochs=1)
+        bpb[split], evaluated[split] = evaluate_bpb(model, loader, steps, token_bytes)
         loader.close()
-        print0(f"{split} bpb: {bpb[split]:.6f} ({steps * tokens_per_step:,} tokens)")
+        print0(f"{split} bpb: {bpb[split]:.6f} ({evaluated[split]:,} tokens)")
 
     samples = {"prompted": [], "unconditioned": []}
     if rank == 0:
@@ -53,7 +53,7 @@ def main(argv=None):
             print0(f"--- {kind} samples ---")
             for text in texts:
                 print0(repr(text))
-    print_result("base_loss", step=meta["step"], train_bpb=bpb["train"], val_bpb=bpb["val"], tokens_per_split=steps * tokens_per_step,
+    print_result("base_loss", step=meta["step"], train_bpb=bpb["train"], val_bpb=bpb["val"], tokens_evaluated=evaluated,
                  samples=samples)
     compute_cleanup()
 

@@ -50,7 +50,7 @@ def parse_args(argv):
     p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (-1 = start fresh)")
     # evaluation, sampling and saving
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
-    p.add_argument("--eval-tokens", type=int, default=80 * 524288)
+    p.add_argument("--eval-tokens", type=int, default=80 * 524288, help="val tokens per evaluation (at most one pass over the split)")
     p.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps and at the end (-1 = never)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end (-1 = never)")
@@ -66,6 +66,13 @@ def parse_args(argv):
         p.error("give a horizon: --num-iterations, --target-flops or --target-param-data-ratio")
     if not 0 <= args.warmdown_ratio <= 1:
         p.error("--warmdown-ratio must be between 0 and 1")
+    if args.head_dim % 2:
+        p.error(f"--head-dim={args.head_dim} must be even: rotary embeddings turn pairs of dimensions")
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
+        p.error(f"--window-pattern={args.window_pattern!r} must be a string of S and L, like SSSL")
     return args
 
 
@@ -80,7 +87,7 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint, save_meta
+    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_checkpoint, save_meta
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8
@@ -108,8 +115,9 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     resume = None
     if args.resume_from_step >= 0:
-        model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                         load_optimizer=True, rank=rank, world_size=world_size)
+        model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True,
+                                                         rank=rank, world_size=world_size, step_flag="--resume-from-step")
+        check_tokenizer(meta, tokenizer, checkpoint_dir)
         model.load_state_dict(model_state, strict=True, assign=True)
         model.cast_embeddings()
         resume = (optim_state, meta)
@@ -190,20 +198,21 @@ def main(argv=None):
     step = args.resume_from_step if resume else 0
     wandb_run = init_wandb(args.run, "nanochat", vars(args), master)
     peak_flops = get_peak_flops(device)
-    val_bpb, core_metric, mfu, tok_per_sec, smooth_loss = None, None, None, None, None
+    val_bpb, val_tokens, core_metric, mfu, tok_per_sec, smooth_loss = None, None, None, None, None, None
     curve = {"train_loss": [], "val_bpb": []}  # for the report card's picture, at most ~200 points
     ema_beta = 0.9
     while True:
         last_step = step == num_iterations
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
-            val_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device)
+            val_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val",
+                                                            device=device, epochs=1)
             eval_steps = max(1, args.eval_tokens // tokens_per_micro_step)
-            val_bpb = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
+            val_bpb, val_tokens = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
             val_loader.close()
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             curve["val_bpb"].append((step, round(val_bpb, 5)))
-            print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
+            print0(f"step {step:05d} | val bpb: {val_bpb:.6f} ({val_tokens:,} tokens)")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             model.train()
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
@@ -231,8 +240,10 @@ def main(argv=None):
                 dist.barrier()
             if master:
                 save_meta(checkpoint_dir, step, {
-                    "step": step, "val_bpb": val_bpb, "model_config": dataclasses.asdict(config), "user_config": vars(args), "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-                    "total_batch_size": total_batch_size, "dataloader_state_dicts": states, "loop_state": loop})
+                    "step": step, "val_bpb": val_bpb, "model_config": dataclasses.asdict(config), "user_config": vars(args),
+                    "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+                    "total_batch_size": total_batch_size, "dataloader_state_dicts": states, "loop_state": loop,
+                    "tokenizer": tokenizer.fingerprint(), "compute_dtype": str(dtype).removeprefix("torch.")})
                 print0(f"saved checkpoint {checkpoint_dir} step {step}")
         if last_step:
             break
@@ -304,7 +315,7 @@ def main(argv=None):
     print_result("base_train", model_tag=model_tag, checkpoint_dir=checkpoint_dir, step=step, depth=args.depth,
                  num_params=counts["total"], num_scaling_params=n_scaling, flops_per_token=flops_per_token,
                  total_batch_size=total_batch_size, num_iterations=num_iterations, tokens=total_tokens,
-                 val_bpb=val_bpb, min_val_bpb=loop["min_val_bpb"], core_metric=core_metric,
+                 val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=loop["min_val_bpb"], core_metric=core_metric,
                  train_loss=smooth_loss,
                  tok_per_sec=tok_per_sec, mfu=mfu, total_training_time=loop["total_training_time"],
                  peak_memory_mib=round(peak_mem, 1), compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size,

@@ -56,12 +56,18 @@ def main(argv=None):
     master = rank == 0
     if args.examples_per_step % world_size:
         raise UserError(f"--examples-per-step={args.examples_per_step} must be divisible by the {world_size} processes")
-    model, tokenizer, _ = load_model(args.source, device, get_compute_dtype(device.type)[0], phase="train",
+    dtype = get_compute_dtype(device.type)[0]
+    model, tokenizer, _ = load_model(args.source, device, dtype, phase="train",
                                      model_tag=args.model_tag, step=args.model_step)
     source_dir, _ = find_checkpoint(args.source, args.model_tag, args.model_step)
     engine = Engine(model, tokenizer)
-    train_task = GSM8K("main", "train") if args.data == "hub" else SyntheticMath(8000, "train")
-    val_task = GSM8K("main", "test") if args.data == "hub" else SyntheticMath(500, "test")
+    try:
+        train_task = GSM8K("main", "train") if args.data == "hub" else SyntheticMath(8000, "train")
+        val_task = GSM8K("main", "test") if args.data == "hub" else SyntheticMath(500, "test")
+    except UserError as e:
+        if args.data == "offline":
+            raise
+        raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
     num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     examples_per_rank = args.examples_per_step // world_size
     passes = args.num_samples // args.device_batch_size
@@ -118,7 +124,8 @@ def main(argv=None):
         if ddp:
             dist.barrier()
         if master:
-            save_meta(checkpoint_dir, step, {"step": step, "model_config": dataclasses.asdict(model.config), "user_config": vars(args)})
+            save_meta(checkpoint_dir, step, {"step": step, "model_config": dataclasses.asdict(model.config), "user_config": vars(args),
+                                             "tokenizer": tokenizer.fingerprint(), "compute_dtype": str(dtype).removeprefix("torch.")})
 
     print0(f"RL: {num_steps} steps of {args.examples_per_step} problems x {args.num_samples} samples on {world_size} processes")
     pass_k, mean_reward, t_start = None, None, time.time()

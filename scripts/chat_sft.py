@@ -69,7 +69,7 @@ def parse_args(argv, stage):
     p.add_argument("--warmdown-ratio", type=float, default=0.5)
     p.add_argument("--final-lr-frac", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=150 if stage == "mid" else 200, help="val bpb every N steps (-1 = end only)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288)
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation (at most one pass)")
     p.add_argument("--chatcore-every", type=int, default=-1 if stage == "mid" else 200, help="ChatCORE every N steps (-1 = never)")
     p.add_argument("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task in ChatCORE (-1 = all)")
     p.add_argument("--chatcore-max-sample", type=int, default=24, help="generative problems per task in ChatCORE")
@@ -136,7 +136,12 @@ def main(argv=None, stage="sft"):
     if args.data == "offline" and args.chatcore_every > 0:
         print0("ChatCORE needs ARC, MMLU and GSM8K from the hub: not evaluated with --data=offline")
         args.chatcore_every = -1
-    train_ds, val_ds = mixtures(stage, args.data)
+    try:
+        train_ds, val_ds = mixtures(stage, args.data)
+    except UserError as e:
+        if args.data == "offline":
+            raise
+        raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
     print0(f"mixture: {len(train_ds):,} training conversations, {len(val_ds):,} validation")
     train_loader = conversation_batches(tokenizer, train_ds, B, T, device, rank, world_size)
     token_bytes = get_token_bytes(device)
@@ -168,7 +173,7 @@ def main(argv=None, stage="sft"):
 
     # --- the loop: until one epoch (or --num-iterations) is done, then a last evaluation and the save ---
     x, y, info = next(train_loader)
-    step, val_bpb, min_val_bpb, train_time, chat_core, smooth_loss = 0, None, float("inf"), 0.0, None, 0.0
+    step, val_bpb, val_tokens, min_val_bpb, train_time, chat_core, smooth_loss = 0, None, None, float("inf"), 0.0, None, 0.0
     curve = {"train_loss": [], "val_bpb": []}  # for the report card's picture
     while True:
         progress = step / args.num_iterations if args.num_iterations > 0 else info["progress"]
@@ -179,11 +184,11 @@ def main(argv=None, stage="sft"):
             last_step = bool(flag.item())
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
-            val_loader = conversation_batches(tokenizer, val_ds, B, T, device, rank, world_size)
-            val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
+            val_loader = conversation_batches(tokenizer, val_ds, B, T, device, rank, world_size, epochs=1)
+            val_bpb, val_tokens = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             curve["val_bpb"].append((step, round(val_bpb, 5)))
-            print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
+            print0(f"step {step:05d} | val bpb: {val_bpb:.6f} ({val_tokens:,} tokens)")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
             model.train()
         if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
@@ -236,11 +241,12 @@ def main(argv=None, stage="sft"):
     if master:
         save_meta(checkpoint_dir, step, {
             "step": step, "val_bpb": val_bpb, "model_config": dataclasses.asdict(model.config), "source": args.source,
-            "user_config": {**vars(args), **lrs}, "max_seq_len": T, "device_batch_size": B, "total_batch_size": total_batch_size})
+            "user_config": {**vars(args), **lrs}, "max_seq_len": T, "device_batch_size": B, "total_batch_size": total_batch_size,
+            "tokenizer": tokenizer.fingerprint(), "compute_dtype": str(dtype).removeprefix("torch.")})
         print0(f"saved {checkpoint_dir} step {step}")
     wandb_run.finish()
     print_result(f"chat_{stage}" if stage == "sft" else "mid_train", checkpoint_dir=checkpoint_dir, step=step, data=args.data,
-                 train_loss=smooth_loss / (1 - 0.9 ** step) if step else None, val_bpb=val_bpb, min_val_bpb=min_val_bpb,
+                 train_loss=smooth_loss / (1 - 0.9 ** step) if step else None, val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=min_val_bpb,
                  chatcore=chat_core, total_training_time=train_time, world_size=world_size, curve=curve)
     compute_cleanup()
 

@@ -91,7 +91,9 @@ def render_mc(question, letters, choices):
 # Loading datasets from the Hugging Face hub (or local files)
 
 def hub_reachable(timeout=3.0):
-    """A quick check before the datasets library tries (offline it would retry for ~25 s)."""
+    """A quick check before the datasets library tries (offline it would retry for ~25 s). HF_HUB_OFFLINE=1 says no."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
     try:
         socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
         return True

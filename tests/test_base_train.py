@@ -31,10 +31,14 @@ def workspace(base_dir, tokenizer):
     return base_dir
 
 
-def run(module, *args, nproc=1, expect_ok=True):
+def run(module, *args, nproc=1, expect_ok=True, dtype="float32"):
+    """dtype=None leaves NANOCHAT_DTYPE unset: the compute dtype is then chosen as users get it."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "NANOCHAT_DTYPE": dtype or "", "OMP_NUM_THREADS": "1"}
+    if dtype is None:
+        del env["NANOCHAT_DTYPE"]
     proc = subprocess.run([*launcher, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL, env={**os.environ, "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1"})
+                          stdin=subprocess.DEVNULL, env=env)
     assert (proc.returncode == 0) == expect_ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -48,17 +52,24 @@ def step_lines(proc):
     return [" | ".join(line.split(" | ")[:3]) for line in proc.stdout.splitlines() if line.startswith("step ") and "/" in line]
 
 
-def test_train_resume_and_evaluate(workspace):
-    full = run("scripts.base_train", *TINY, "--num-iterations=8", "--save-every=4", "--eval-every=4")
+def test_train_resume_and_evaluate(workspace, tokenizer):
+    # --eval-tokens far beyond the val split: evaluation stops after one pass over it
+    full = run("scripts.base_train", *TINY, "--num-iterations=8", "--save-every=4", "--eval-every=4", "--eval-tokens=10000000")
     out = result(full)
+    val_split_tokens = sum(len(tokenizer.encode(d)) + 1 for d in make_docs(900, seed=21, max_words=120)[800:])
+    assert 0.5 * val_split_tokens < out["val_tokens"] < val_split_tokens
+    assert f"val bpb: {out['val_bpb']:.6f} ({out['val_tokens']:,} tokens)" in full.stdout
     assert out["stage"] == "base_train" and out["step"] == 8 and out["num_iterations"] == 8
     assert out["total_batch_size"] == 512 and out["tokens"] == 8 * 512
     assert "Parameter counts:" in full.stdout and "FLOPs per token" in full.stdout
     ckpt = workspace / "base_checkpoints" / "d2"
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("meta")) == ["meta_000004.json", "meta_000008.json"]
+    meta = json.loads((ckpt / "meta_000008.json").read_text())
+    assert meta["tokenizer"] == tokenizer.fingerprint() and meta["compute_dtype"] == "float32"
 
     # a run resumed from step 4 continues exactly as the uninterrupted one: same losses, same val bpb
-    resumed = run("scripts.base_train", *TINY, "--num-iterations=8", "--save-every=4", "--eval-every=4", "--resume-from-step=4")
+    resumed = run("scripts.base_train", *TINY, "--num-iterations=8", "--save-every=4", "--eval-every=4", "--eval-tokens=10000000",
+                  "--resume-from-step=4")
     assert step_lines(resumed) == step_lines(full)[4:]
     assert result(resumed)["val_bpb"] == out["val_bpb"] and result(resumed)["train_loss"] == out["train_loss"]
 
@@ -74,25 +85,61 @@ def test_train_resume_and_evaluate(workspace):
     assert rows[0] == ["Task", "Accuracy", "Centered"] and rows[-1][0] == "CORE"
 
 
-def test_two_processes_train_and_resume_exactly(workspace):
+def test_two_processes_train_and_resume_exactly(workspace, monkeypatch):
+    """With NANOCHAT_DTYPE unset, as users run it: the dtype comes from the hardware, and rank 0 decides for both."""
+    from nanochat.common import get_compute_dtype
     args = [*TINY, "--num-iterations=4", "--save-every=2", "--eval-every=-1", "--model-tag=ddp"]
-    full = run("scripts.base_train", *args, nproc=2)
+    full = run("scripts.base_train", *args, nproc=2, dtype=None)
     out = result(full)
     assert out["world_size"] == 2 and out["total_batch_size"] == 512  # one micro-step per rank: 2 x 4 x 64
     meta = json.loads((workspace / "base_checkpoints" / "ddp" / "meta_000002.json").read_text())
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    get_compute_dtype.cache_clear()
+    assert meta["compute_dtype"] == out["compute_dtype"] == str(get_compute_dtype("cpu")[0]).removeprefix("torch.")
+    get_compute_dtype.cache_clear()
     states = meta["dataloader_state_dicts"]
     assert [s["rank"] for s in states] == [0, 1]
     assert sorted(os.listdir(workspace / "base_checkpoints" / "ddp"))[:2] == ["meta_000002.json", "meta_000004.json"]
-    resumed = run("scripts.base_train", *args, "--resume-from-step=2", nproc=2)
+    resumed = run("scripts.base_train", *args, "--resume-from-step=2", nproc=2, dtype=None)
     assert step_lines(resumed) == step_lines(full)[2:]
     assert result(resumed)["val_bpb"] == out["val_bpb"]
 
 
-def test_user_errors_are_one_line(workspace):
-    err = run("scripts.base_train", *TINY, "--total-batch-size=1000", expect_ok=False).stderr.strip().splitlines()[-1]
+def error_line(proc):
+    """The one line a user error ends in: no traceback above it."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_user_errors_are_one_line(workspace, tokenizer):
+    import dataclasses
+    from nanochat import checkpoint_manager as cm
+    from test_gpt import tiny_model
+    err = error_line(run("scripts.base_train", *TINY, "--total-batch-size=1000", expect_ok=False))
     assert err == ("error: --total-batch-size=1000 is not a multiple of device_batch_size x max_seq_len x processes = 256: "
                    "change one of them")
-    err = run("scripts.base_train", "--depth=0", expect_ok=False).stderr.strip().splitlines()[-1]
+    err = error_line(run("scripts.base_train", "--depth=0", expect_ok=False))
     assert err.endswith("error: --depth must be at least 1 (see --help)")
-    err = run("scripts.base_loss", "--model-tag=d99", expect_ok=False).stderr.strip().splitlines()[-1]
+    err = error_line(run("scripts.base_train", "--window-pattern=XYZ", expect_ok=False))
+    assert err.endswith("error: --window-pattern='XYZ' must be a string of S and L, like SSSL (see --help)")
+    err = error_line(run("scripts.base_train", *TINY, "--resume-from-step=7", expect_ok=False))
+    assert err.startswith("error: ") and err.endswith("base_checkpoints/d2 has no step 7: pick one with --resume-from-step (saved: none)")
+    err = error_line(run("scripts.base_loss", "--model-tag=d99", expect_ok=False))
     assert err.startswith("error: no base checkpoints in") and err.endswith("run python -m scripts.base_train first")
+
+    # a checkpoint cut off halfway (a full disk, a killed copy): one line that names the file and what to do
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    checkpoint_dir = workspace / "base_checkpoints" / "d4"
+    for step in (1, 2):
+        cm.save_checkpoint(str(checkpoint_dir), step, model.state_dict(), None)
+        cm.save_meta(str(checkpoint_dir), step, {"step": step, "model_config": dataclasses.asdict(model.config)})
+    latest = checkpoint_dir / "model_000002.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    err = error_line(run("scripts.base_loss", expect_ok=False))
+    assert err.startswith(f"error: {latest} cannot be read (") and err.endswith(
+        "it is damaged or incomplete; pick an earlier step with --step (saved: 1, 2) or retrain")
+
+    pkl = workspace / "tokenizer" / "tokenizer.pkl"
+    pkl.write_bytes(pkl.read_bytes()[:200])
+    err = error_line(run("scripts.base_train", *TINY, expect_ok=False))
+    assert err.startswith(f"error: {pkl} cannot be read (") and "retrain it with python -m scripts.tok_train" in err

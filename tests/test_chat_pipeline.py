@@ -17,12 +17,12 @@ from test_gpt import tiny_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(base_dir, module, *args):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+def run(base_dir, module, *args, expect_ok=True, **env):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (proc.returncode == 0) == expect_ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if expect_ok else proc.stderr
 
 
 def test_mid_sft_rl_eval_offline(base_dir, tokenizer):
@@ -37,8 +37,13 @@ def test_mid_sft_rl_eval_offline(base_dir, tokenizer):
     tokenizer.save(str(base_dir / "tokenizer"))
     _torch.save(_torch.tensor(tokenizer.token_bytes(), dtype=_torch.int32), base_dir / "tokenizer" / "token_bytes.pt")
 
-    mid = run(base_dir, "scripts.mid_train", "--data=offline", "--num-iterations=3", "--eval-tokens=512")
+    # without the hub (HF_HUB_OFFLINE=1 says so at once), the hub mixture fails in one line that names the way out
+    err = run(base_dir, "scripts.mid_train", "--num-iterations=3", expect_ok=False, HF_HUB_OFFLINE="1")
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: cannot load HuggingFaceTB/smol-smoltalk")
+    assert err.strip().endswith("or train on data that needs no network with --data=offline")
+    mid = run(base_dir, "scripts.mid_train", "--data=offline", "--num-iterations=3")  # default --eval-tokens: one pass
     assert mid["stage"] == "mid_train" and mid["step"] == 3 and mid["checkpoint_dir"].endswith("mid_checkpoints/d4")
+    assert 0 < mid["val_tokens"] < 600 * 128  # the offline val set: 600 conversations, each cut to a 128-token row
     sft = run(base_dir, "scripts.chat_sft", "--data=offline", "--num-iterations=3", "--eval-tokens=512")
     assert sft["stage"] == "chat_sft" and sft["checkpoint_dir"].endswith("chatsft_checkpoints/d4")
     assert sft["train_loss"] == sft["train_loss"]  # not NaN

@@ -52,6 +52,61 @@ def test_missing_checkpoints_say_what_to_run(base_dir):
         cm.find_checkpoint("base", model_tag="d9")
 
 
+def test_damaged_files_are_one_clear_line(base_dir, tokenizer):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    checkpoint_dir = base_dir / "base_checkpoints" / "d4"
+    for step in (1, 2, 3):
+        save(checkpoint_dir, step, model, model.setup_optimizer())
+    tokenizer.save(str(base_dir / "tokenizer"))
+    for name in ("model_000003.pt", "meta_000002.json", "optim_000001_rank0.pt"):  # cut off halfway, as a full disk does
+        path = checkpoint_dir / name
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    advice = r"it is damaged or incomplete; pick an earlier step with --step \(saved: 1, 2, 3\) or retrain"
+    with pytest.raises(UserError, match=r"model_000003\.pt cannot be read \(.*\): " + advice):
+        cm.load_model("base", "cpu", torch.float32)  # the latest
+    with pytest.raises(UserError, match=r"meta_000002\.json cannot be read \(.*\): " + advice):
+        cm.load_model("base", "cpu", torch.float32, step=2)
+    with pytest.raises(UserError, match=r"optim_000001_rank0\.pt cannot be read"):
+        cm.load_checkpoint(str(checkpoint_dir), 1, "cpu", load_optimizer=True)
+    cm.load_model("base", "cpu", torch.float32, step=1)  # the intact one still loads
+    with pytest.raises(UserError, match=r"has no step 7: pick one with --resume-from-step \(saved: 1, 2, 3\)"):
+        cm.load_checkpoint(str(checkpoint_dir), 7, "cpu", step_flag="--resume-from-step")
+    pkl = base_dir / "tokenizer" / "tokenizer.pkl"
+    pkl.write_bytes(pkl.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"tokenizer\.pkl cannot be read .*: it is damaged or incomplete; retrain it with "
+                                        r"python -m scripts\.tok_train"):
+        cm.load_model("base", "cpu", torch.float32, step=1)
+
+
+def test_a_retrained_tokenizer_of_the_same_size_is_refused(base_dir, tokenizer):
+    from conftest import make_docs
+    from nanochat.tokenizer import RustBPETokenizer
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    checkpoint_dir = base_dir / "base_checkpoints" / "d4"
+    cm.save_checkpoint(str(checkpoint_dir), 1, model.state_dict(), None)
+    cm.save_meta(str(checkpoint_dir), 1, {"step": 1, "model_config": dataclasses.asdict(model.config),
+                                          "tokenizer": tokenizer.fingerprint()})
+    tokenizer.save(str(base_dir / "tokenizer"))
+    cm.load_model("base", "cpu", torch.float32)
+    other = RustBPETokenizer.train_from_iterator(iter(make_docs(400, seed=2)), tokenizer.get_vocab_size())
+    assert other.get_vocab_size() == tokenizer.get_vocab_size() and other.fingerprint() != tokenizer.fingerprint()
+    other.save(str(base_dir / "tokenizer"))
+    with pytest.raises(UserError, match=rf"\(fingerprint {other.fingerprint()}\) is not the one .*d4 was trained with "
+                                        rf"\({tokenizer.fingerprint()}\): restore that tokenizer, or retrain the model"):
+        cm.load_model("base", "cpu", torch.float32)
+
+
+def test_a_foreign_state_dict_is_one_clear_line(base_dir, tokenizer):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    checkpoint_dir = base_dir / "base_checkpoints" / "d4"
+    state = {k.replace("lm_head", "head"): v for k, v in model.state_dict().items()}
+    cm.save_checkpoint(str(checkpoint_dir), 1, state, None)
+    cm.save_meta(str(checkpoint_dir), 1, {"step": 1, "model_config": dataclasses.asdict(model.config)})
+    tokenizer.save(str(base_dir / "tokenizer"))
+    with pytest.raises(UserError, match=r"d4 step 1 does not describe a model this code can build \(.*lm_head"):
+        cm.load_model("base", "cpu", torch.float32)
+
+
 KILLER = """
 import os, signal, sys, torch
 from nanochat import checkpoint_manager as cm

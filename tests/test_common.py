@@ -42,12 +42,24 @@ def test_dtype_override_and_its_validation(monkeypatch):
     common.get_compute_dtype.cache_clear()
 
 
-def test_cpu_dtype_is_measured_and_explained(monkeypatch):
+def test_cpu_dtype_follows_the_hardware_not_a_timing(monkeypatch):
+    x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    old = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    assert common.cpu_bf16_instructions(x86) == "avx512_bf16"
+    assert common.cpu_bf16_instructions(arm) == "bf16"
+    assert common.cpu_bf16_instructions(old) == "" and common.cpu_bf16_instructions("") == ""
     monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    decisions = set()
+    for _ in range(3):  # the same answer every time: nothing is measured
+        common.get_compute_dtype.cache_clear()
+        decisions.add(common.get_compute_dtype("cpu"))
     common.get_compute_dtype.cache_clear()
-    dtype, reason = common.get_compute_dtype("cpu")
-    common.get_compute_dtype.cache_clear()
-    assert dtype in (torch.bfloat16, torch.float32) and "measured" in reason
+    (dtype, reason), = decisions
+    native = common.cpu_bf16_instructions()
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert reason == (f"cpu has native bf16 ({native})" if native else
+                      "cpu has no native bf16 instructions (NANOCHAT_DTYPE=bfloat16 to force it)")
 
 
 def test_compute_init_on_cpu_and_bad_device():
@@ -63,6 +75,16 @@ def test_base_dir_and_dummy_wandb(base_dir):
     run.log({"loss": 1.0})
     run.finish()
     assert isinstance(common.init_wandb("real-name", "nanochat", {}, master_process=False), common.DummyWandb)
+
+
+def test_wandb_without_an_account_is_one_clear_line(monkeypatch, tmp_path):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=r"^--run=demo logs to wandb: .*Or set WANDB_MODE=offline, or drop --run$"):
+        common.init_wandb("demo", "nanochat", {})
 
 
 def test_result_line_is_json(capsys):

@@ -31,4 +31,6 @@ def test_torchrun_gloo_init_and_disjoint_loading(tmp_path, tokenizer):
     rank0, rank1 = result["per_rank"]
     assert (rank0["rank"], rank1["rank"]) == (0, 1)
     assert rank0["markers"] and rank1["markers"] and not set(rank0["markers"]) & set(rank1["markers"])
+    assert rank0["dtype"] == rank1["dtype"] == "torch.bfloat16"  # rank 1 asked for float32: rank 0 decides
+    assert rank0["reason"] == "NANOCHAT_DTYPE=bfloat16" and rank1["reason"] == "NANOCHAT_DTYPE=bfloat16 (rank 0's choice)"
     assert "device: cpu | world size: 2" in proc.stdout
