@@ -7,6 +7,7 @@ Prints requests/s, time to first token (p50, p99) and errors. Loopback only: poi
 """
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -16,11 +17,12 @@ import urllib.request
 from nanochat.common import Flags, UserError, print_result, run_cli
 
 
-def one_request(url, max_tokens, timeout):
+def one_request(url, max_tokens, timeout, api_key=None):
     """Stream one answer; returns (seconds to the first token, seconds in all)."""
     body = json.dumps({"messages": [{"role": "user", "content": "Tell me a story about a river."}],
                        "max_tokens": max_tokens}).encode()
-    request = urllib.request.Request(url + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(url + "/chat/completions", data=body, headers=headers)
     t0, first = time.time(), None
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for line in response:
@@ -41,6 +43,8 @@ def main(argv=None):
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0, help="clients start new requests until then")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
+                   help="for a server started with one (default: $NANOCHAT_API_KEY)")
     args = p.parse_args(argv)
     host = urllib.parse.urlsplit(args.url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -57,7 +61,7 @@ def main(argv=None):
     def client():
         while time.time() < deadline:
             try:
-                ttft, total = one_request(args.url, args.max_tokens, timeout=args.seconds + 120)
+                ttft, total = one_request(args.url, args.max_tokens, timeout=args.seconds + 120, api_key=args.api_key)
                 with lock:
                     ttfts.append(ttft)
                     durations.append(total)

@@ -122,16 +122,30 @@ def use_calculator(expr, time_limit=1.0, max_len=1000):
 # -----------------------------------------------------------------------------
 # Sampling and generation
 
+# Temperatures below this sample greedily. Dividing logits by a tiny temperature overflows to inf (15 / 1e-38 in fp32)
+# and softmax then gives NaN; and at 1e-5 a logit gap of 0.001 already has odds of e^-100, so nothing is lost.
+GREEDY_BELOW = 1e-5
+
+
 @torch.inference_mode()
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """(B, V) logits -> (B, 1) token ids. temperature 0 is greedy; top_k keeps the k most likely tokens."""
-    if temperature == 0.0:
+    """(B, V) logits -> (B, 1) token ids. temperature 0 (or under GREEDY_BELOW) is greedy; top_k keeps the k likeliest."""
+    if temperature < GREEDY_BELOW:
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and 0 < top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
         probs = F.softmax(values / temperature, dim=-1)
         return indices.gather(1, torch.multinomial(probs, 1, generator=rng))
     return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+
+
+def answer_budget(model, prompt_len, max_tokens):
+    """
+    How many tokens an answer to a prompt_len-token prompt may take: max_tokens, cut where the rotary tables end
+    (10x the training context). The prompt itself must be shorter than the context the model was trained on
+    (model.config.sequence_len): chat_web refuses longer conversations, chat_cli drops their oldest turns.
+    """
+    return min(max_tokens, model.cos.size(1) - prompt_len)
 
 
 class RowState:

@@ -4,11 +4,26 @@ Talk to a model in the terminal.
     python -m scripts.chat_cli                     # the latest SFT model; 'clear' starts over, 'quit' leaves
     python -m scripts.chat_cli -p "Why is the sky blue?"   # one answer, then exit
     python -m scripts.chat_cli -i base -g d4       # any stage: base, mid, sft, rl
+
+Ctrl-C stops an answer and keeps the conversation; Ctrl-C twice at the prompt leaves. A conversation longer than the
+model reads loses its oldest turns, with a note, under the same limits chat_web applies.
 """
 
 import time
 
 from nanochat.common import Flags, UserError, compute_init, get_compute_dtype, print_result, run_cli
+
+
+def drop_oldest_turns(tokens, user_start, limit):
+    """Cut whole turns after the leading <|bos|>, oldest first, until the conversation is shorter than limit or only
+    the newest turn is left. Returns (tokens, turns dropped)."""
+    dropped = 0
+    while len(tokens) >= limit:
+        starts = [i for i, t in enumerate(tokens) if t == user_start]
+        if len(starts) < 2:
+            break
+        tokens, dropped = tokens[:1] + tokens[starts[1]:], dropped + 1
+    return tokens, dropped
 
 
 def main(argv=None):
@@ -26,17 +41,19 @@ def main(argv=None):
         raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
 
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine, TextStream
+    from nanochat.engine import Engine, TextStream, answer_budget
 
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, _ = load_model(args.source, device, get_compute_dtype(device.type)[0], model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tokenizer)
     sp = tokenizer.encode_special
-    bos, assistant_end = tokenizer.get_bos_token_id(), sp("<|assistant_end|>")
+    bos, user_start, assistant_end = tokenizer.get_bos_token_id(), sp("<|user_start|>"), sp("<|assistant_end|>")
+    prompt_limit = model.config.sequence_len  # a prompt must be shorter than the context the model was trained on
     tokens = [bos]  # the whole conversation, tool calls included, exactly as the model saw and wrote it
-    turns, generated, seconds, last_answer = 0, 0, 0.0, ""
+    turns, generated, seconds, last_answer, interrupted = 0, 0, 0.0, "", False
     if not args.prompt:
-        print("nanochat: type a message; 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D) leaves.")
+        print("nanochat: type a message; 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D) leaves. "
+              "Ctrl-C stops an answer.")
     while True:
         if args.prompt:
             user = args.prompt
@@ -45,6 +62,13 @@ def main(argv=None):
                 user = input("\nUser: ").strip()
             except EOFError:
                 break
+            except KeyboardInterrupt:  # once may be a stray press after stopping an answer; twice in a row leaves
+                if interrupted:
+                    break
+                interrupted = True
+                print("\n(Ctrl-C again, or 'quit', to leave)")
+                continue
+            interrupted = False
             if user.lower() in ("quit", "exit"):
                 break
             if user.lower() == "clear":
@@ -53,23 +77,35 @@ def main(argv=None):
                 continue
             if not user:
                 continue
-        tokens += [sp("<|user_start|>"), *tokenizer.encode(user), sp("<|user_end|>"), sp("<|assistant_start|>")]
-        if len(tokens) + args.max_tokens > model.config.sequence_len * 10:
-            raise UserError("the conversation is longer than the model can read: type 'clear' to start over")
+        turn = [user_start, *tokenizer.encode(user), sp("<|user_end|>"), sp("<|assistant_start|>")]
+        if len(turn) + 1 >= prompt_limit:
+            message = f"that message is {len(turn)} tokens; this model reads at most {prompt_limit - 1}: write a shorter one"
+            if args.prompt:
+                raise UserError(message)
+            print(f"({message})")
+            continue
+        tokens, dropped = drop_oldest_turns(tokens + turn, user_start, prompt_limit)
+        if dropped:
+            print(f"(the conversation outgrew the {prompt_limit} tokens this model reads: dropped the oldest "
+                  f"{'turn' if dropped == 1 else f'{dropped} turns'})")
         print("\nAssistant: ", end="", flush=True)
         stream, answer, t0 = TextStream(tokenizer), [], time.time()
-        for column, _ in engine.generate(tokens, max_tokens=args.max_tokens, temperature=args.temperature,
-                                         top_k=args.top_k or None, seed=int(time.time())):
-            token = column[0]
-            tokens.append(token)
-            if token in (assistant_end, bos):
-                break
-            piece = stream.push(token)
-            answer.append(piece)
-            generated += 1
-            print(piece, end="", flush=True)
-        if tokens[-1] != assistant_end:  # stopped by the length limit: close the turn anyway
-            tokens.append(assistant_end)
+        try:
+            for column, _ in engine.generate(tokens, max_tokens=answer_budget(model, len(tokens), args.max_tokens),
+                                             temperature=args.temperature, top_k=args.top_k or None, seed=int(time.time())):
+                token = column[0]
+                if token in (assistant_end, bos):
+                    break
+                tokens.append(token)
+                piece = stream.push(token)
+                answer.append(piece)
+                generated += 1
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            if args.prompt:
+                raise
+            print(" [stopped]", end="")
+        tokens.append(assistant_end)  # also when the length limit or Ctrl-C stopped the answer
         seconds += time.time() - t0
         print()
         turns += 1

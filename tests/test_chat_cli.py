@@ -1,7 +1,10 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 from nanochat.engine import TextStream
 from test_chat_web import make_chat_model_dir
@@ -28,6 +31,54 @@ def test_one_shot_and_repl(base_dir, tokenizer):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 2 and "(new conversation)" in proc.stdout
     answers = [line for line in proc.stdout.splitlines() if line.startswith("Assistant: ")]
     assert len(answers) == 2 and answers[0] == answers[1]  # after 'clear', the same greedy answer to the same prompt
+
+
+def test_a_long_conversation_drops_its_oldest_turns(base_dir, tokenizer):
+    make_chat_model_dir(base_dir, tokenizer)  # the model reads 1024 tokens
+    def words(tokens):  # a message of at least this many tokens
+        text = "river stone light garden "
+        while len(tokenizer.encode(text)) < tokens:
+            text += "river stone light garden "
+        return text
+    message, too_long = words(400), words(1100)  # the third message overflows; too_long never fits
+    proc = run_cli(base_dir, "-i", "base", "-t", "0", "-m", "5", stdin=f"{message}\n{message}\n{too_long}\n{message}\nexit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 3
+    assert proc.stdout.count("(the conversation outgrew the 1024 tokens this model reads: dropped the oldest turn)") == 1
+    assert "; this model reads at most 1023: write a shorter one)" in proc.stdout
+    proc = run_cli(base_dir, "-i", "base", "-p", too_long)  # one-shot: nothing to drop, one line
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("this model reads at most 1023: write a shorter one")
+
+
+def test_ctrl_c_stops_the_answer_and_twice_at_the_prompt_leaves(base_dir, tokenizer):
+    make_chat_model_dir(base_dir, tokenizer)  # its answers never end by themselves
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DTYPE": "float32"}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-i", "base", "-t", "0", "-m", "4000"], cwd=REPO,
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
+
+    def wait_for(text, count=1):
+        deadline = time.time() + 60
+        while "".join(out).count(text) < count:
+            assert time.time() < deadline and proc.poll() is None, ("".join(out), proc.stderr.read())
+            time.sleep(0.05)
+
+    for turn in (1, 2):
+        proc.stdin.write("tell me everything\n")
+        proc.stdin.flush()
+        wait_for("Assistant: ", turn)
+        time.sleep(0.5)  # some of the answer is out
+        proc.send_signal(signal.SIGINT)
+        wait_for(" [stopped]", turn)
+        wait_for("User: ", turn + 1)
+    proc.send_signal(signal.SIGINT)  # at the prompt: a warning, the conversation stays
+    wait_for("(Ctrl-C again, or 'quit', to leave)")
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    result = json.loads("".join(out).strip().splitlines()[-1])
+    assert result["turns"] == 2 and result["tokens_generated"] > 0
 
 
 def test_missing_model_is_one_line(base_dir):

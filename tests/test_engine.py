@@ -43,6 +43,15 @@ def test_top_k_and_greedy_sampling():
     assert draws == {1, 2}
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 5e-324, 1e-6, 1e-5, 1e-4])
+def test_tiny_temperatures_sample_the_argmax_without_nan(temperature):
+    # the model's logits are soft-capped at 15: 15 / 1e-38 overflows fp32, and softmax of inf is NaN
+    logits = torch.tensor([[0.0, 15.0, 14.99, -15.0]] * 3)
+    for top_k in (None, 2):
+        tokens = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=temperature, top_k=top_k)
+        assert tokens.tolist() == [[1]] * 3
+
+
 class ScriptedModel(torch.nn.Module):
     """Emits a fixed script, one token per position, through a real KV cache: the Engine's tool machinery is under test."""
 
