@@ -11,6 +11,7 @@ import os
 import statistics
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -53,6 +54,14 @@ def main(argv=None):
         urllib.request.urlopen(args.url + "/health", timeout=5)
     except OSError as e:
         raise UserError(f"no server at {args.url} ({e}): start one with python -m scripts.chat_web") from None
+    key = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        urllib.request.urlopen(urllib.request.Request(args.url + "/v1/models", headers=key), timeout=5)
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            raise UserError(f"the server at {args.url} wants {'another' if args.api_key else 'an'} API key: pass the one "
+                            "it was started with as --api-key (or NANOCHAT_API_KEY)") from None
+        raise
 
     ttfts, durations, errors = [], [], []
     lock = threading.Lock()

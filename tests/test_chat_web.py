@@ -491,6 +491,15 @@ def test_load_benchmark_runs_clean(server):
     assert result["errors"] == 0 and result["requests"] > 0 and result["ttft_p50_ms"] > 0
 
 
+def test_load_benchmark_without_the_servers_key_is_one_line(keyed_server):
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "dev.bench_web", "--url", keyed_server, "--seconds", "1"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: the server at {keyed_server} wants an API key: pass the one it was started "
+                                   "with as --api-key (or NANOCHAT_API_KEY)")
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync", "--disable-quic"]
