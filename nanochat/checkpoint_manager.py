@@ -80,9 +80,17 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
     torch_load = lambda path: torch.load(path, map_location=device)
     meta = read(f"meta_{step:06d}.json", _read_json)
     model_state = read(f"model_{step:06d}.pt", torch_load)
+    for name, value in ((f"meta_{step:06d}.json", meta), (f"model_{step:06d}.pt", model_state)):
+        if not isinstance(value, dict):
+            raise UserError(f"{os.path.join(checkpoint_dir, name)} holds a {type(value).__name__}, not a checkpoint's "
+                            f"{'meta' if name.startswith('meta') else 'weights'}: pick another step with {step_flag} or retrain")
+    meta.setdefault("step", step)
     optimizer_state = None
     if load_optimizer:
         saved_by = optimizer_shard_count(checkpoint_dir, step)
+        if saved_by == 0:
+            raise UserError(f"{checkpoint_dir} step {step} has no optimizer state (no optim_{step:06d}_rank*.pt): "
+                            f"it cannot be resumed exactly; pick another step with {step_flag}")
         if saved_by != world_size:
             raise UserError(f"the optimizer state of {checkpoint_dir} step {step} was saved by {saved_by} processes, "
                             f"this run has {world_size}: use {saved_by} (its shards cannot be split differently)")

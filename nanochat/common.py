@@ -20,8 +20,11 @@ class UserError(Exception):
 
 def get_base_dir():
     """Every artifact (data, tokenizer, checkpoints, reports) lives under $NANOCHAT_BASE_DIR."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
+    base = os.path.expanduser(os.environ.get("NANOCHAT_BASE_DIR") or os.path.join("~", ".cache", "nanochat"))
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot use {base} as NANOCHAT_BASE_DIR ({e.strerror}): point it at a folder you can write") from None
     return base
 
 
@@ -208,8 +211,9 @@ def init_wandb(run, project, config, master_process=True):
     import wandb  # imported lazily: only real runs need it
     try:
         return wandb.init(project=project, name=run, config=config)
-    except wandb.errors.UsageError as e:  # no account: say how to get one, or how to do without
-        raise UserError(f"--run={run} logs to wandb: {e} Or set WANDB_MODE=offline, or drop --run") from None
+    except wandb.errors.Error as e:  # no account, no network: say how to do without
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"--run={run} logs to wandb: {reason} Or set WANDB_MODE=offline, or drop --run") from None
 
 
 # -----------------------------------------------------------------------------
@@ -257,6 +261,7 @@ def print_result(stage, **fields):
 
 def run_cli(main):
     """Run a script's main(); a UserError ends the process with one clear line instead of a traceback."""
+    import gc
     try:
         main()
     except UserError as e:
@@ -265,3 +270,11 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(1)
+    finally:
+        # training loops freeze and disable the GC for speed; undone here too, when they end early, so shutdown
+        # finds no frozen objects (which some extensions report as leaks)
+        gc.unfreeze()
+        gc.enable()

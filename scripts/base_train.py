@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import time
 
 from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype,
@@ -71,6 +72,8 @@ def parse_args(argv):
     for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.model_tag is not None and not re.fullmatch(r"[\w.-]+", args.model_tag):
+        p.error(f"--model-tag={args.model_tag!r} must be a plain folder name (letters, digits, '_', '-', '.')")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
         p.error(f"--window-pattern={args.window_pattern!r} must be a string of S and L, like SSSL")
     return args
@@ -100,6 +103,13 @@ def main(argv=None):
     dtype, _ = get_compute_dtype(device.type)
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
+    core_bundle = None
+    if args.core_metric_every > 0:  # fetched now, not after hours of training
+        from nanochat.core_eval import get_eval_bundle
+        try:
+            core_bundle = get_eval_bundle()
+        except UserError as e:
+            raise UserError(f"{e}; or train without CORE: --core-metric-every=-1") from None
     vocab_size = tokenizer.get_vocab_size()
 
     # the model, on the meta device first so that nothing is allocated twice
@@ -118,6 +128,11 @@ def main(argv=None):
         model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True,
                                                          rank=rank, world_size=world_size, step_flag="--resume-from-step")
         check_tokenizer(meta, tokenizer, checkpoint_dir)
+        changed = [f"{k}: saved {v}, now {getattr(config, k)}" for k, v in meta["model_config"].items()
+                   if getattr(config, k, v) != v]
+        if changed:
+            raise UserError(f"{checkpoint_dir} step {args.resume_from_step} is another model ({'; '.join(changed)}): "
+                            "resume with the flags it was trained with, or give this run its own --model-tag")
         model.load_state_dict(model_state, strict=True, assign=True)
         model.cast_embeddings()
         resume = (optim_state, meta)
@@ -164,6 +179,9 @@ def main(argv=None):
     else:
         num_iterations = int(target_tokens // total_batch_size)
     num_iterations = max(num_iterations, 1)
+    if resume is not None and args.resume_from_step >= num_iterations:
+        raise UserError(f"--resume-from-step={args.resume_from_step} is already at or past this run's last step "
+                        f"({num_iterations}): ask for more steps with --num-iterations")
     total_tokens = num_iterations * total_batch_size
     print0(f"steps: {num_iterations:,} | batch: {total_batch_size:,} tokens ({grad_accum_steps} micro-steps of "
            f"{args.device_batch_size}x{args.max_seq_len} on {world_size} processes) | tokens: {total_tokens:,} | "
@@ -218,7 +236,7 @@ def main(argv=None):
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             from nanochat.core_eval import evaluate_core
             orig_model.eval()
-            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, bundle=core_bundle)
             core_metric = core["core_metric"]
             print0(f"step {step:05d} | CORE: {core_metric:.4f}")
             wandb_run.log({"step": step, "core_metric": core_metric, "centered_results": core["centered_results"]})

@@ -10,7 +10,9 @@ learning rates are inherited from the source checkpoint unless given.
 
 import dataclasses
 import gc
+import math
 import os
+import re
 import time
 
 from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
@@ -77,6 +79,17 @@ def parse_args(argv, stage):
     args = p.parse_args(argv)
     if args.source == stage or (stage == "mid" and args.source == "sft"):
         p.error(f"--source={args.source} cannot feed {stage}: use base{' or mid' if stage == 'sft' else ''}")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        p.error("--num-iterations must be at least 1, or -1 for one epoch of the mixture")
+    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1 (leave it out to inherit the source's)")
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "init_lr_frac"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name.replace('_', '-')} must be a number >= 0")
+    if args.model_tag_out is not None and not re.fullmatch(r"[\w.-]+", args.model_tag_out):
+        p.error(f"--model-tag-out={args.model_tag_out!r} must be a plain folder name (letters, digits, '_', '-', '.')")
     return args
 
 
@@ -99,9 +112,10 @@ def main(argv=None, stage="sft"):
                                                step=args.model_step)
     source_dir, source_step = find_checkpoint(args.source, args.model_tag, args.model_step)
     inherited = source_meta.get("user_config", {})
-    T = args.max_seq_len or source_meta.get("max_seq_len", 2048)
-    B = args.device_batch_size or source_meta.get("device_batch_size", 32)
-    total_batch_size = args.total_batch_size or source_meta.get("total_batch_size", 524288)
+    inherit = lambda flag, key, default: flag if flag is not None else source_meta.get(key, default)
+    T = inherit(args.max_seq_len, "max_seq_len", 2048)
+    B = inherit(args.device_batch_size, "device_batch_size", 32)
+    total_batch_size = inherit(args.total_batch_size, "total_batch_size", 524288)
     lrs = {name: getattr(args, name) if getattr(args, name) is not None else inherited.get(name, default)
            for name, default in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
     tokens_per_micro_step = B * T * world_size
@@ -119,12 +133,17 @@ def main(argv=None, stage="sft"):
     if args.load_optimizer:
         saved_by = optimizer_shard_count(source_dir, source_step)
         if saved_by == world_size:
-            _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
-                                                world_size=world_size)
+            try:
+                _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
+                                                    world_size=world_size)
+            except UserError as e:
+                raise UserError(f"{e}; or start the optimizer fresh with --load-optimizer=0") from None
             fresh = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
             optimizer.load_state_dict(optim_state)  # the momenta; the learning rates are set afresh below
             for g, (lr, initial) in zip(optimizer.param_groups, fresh):
                 g["lr"], g["initial_lr"] = lr, initial
+        elif saved_by == 0:
+            print0("the source has no optimizer state: starting the optimizer fresh")
         else:
             print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: "
                    "starting the optimizer fresh (or run with as many processes)")

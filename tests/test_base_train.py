@@ -73,6 +73,17 @@ def test_train_resume_and_evaluate(workspace, tokenizer):
     assert step_lines(resumed) == step_lines(full)[4:]
     assert result(resumed)["val_bpb"] == out["val_bpb"] and result(resumed)["train_loss"] == out["train_loss"]
 
+    # resuming into another model, or past the run's end, is one line (in-process: these stop before any work)
+    from scripts import base_train
+    from nanochat.common import UserError
+    with pytest.raises(UserError, match=r"d2 step 4 is another model \(n_layer: saved 2, now 3; n_head: saved 2, now 3; "
+                                        r"n_kv_head: saved 2, now 3; n_embd: saved 64, now 96\): "
+                                        r"resume with the flags it was trained with, or give this run its own --model-tag"):
+        base_train.main([*TINY, "--depth=3", "--model-tag=d2", "--resume-from-step=4", "--num-iterations=8"])
+    with pytest.raises(UserError, match=r"--resume-from-step=8 is already at or past this run's last step \(8\): "
+                                        r"ask for more steps with --num-iterations"):
+        base_train.main([*TINY, "--num-iterations=8", "--resume-from-step=8"])
+
     loss = result(run("scripts.base_loss", "--device-batch-size=4", "--split-tokens=1024", "--num-samples=2"))
     assert loss["step"] == 8 and 0 < loss["val_bpb"] < 20 and 0 < loss["train_bpb"] < 20
     assert len(loss["samples"]["prompted"]) == 7 and len(loss["samples"]["unconditioned"]) == 2
@@ -111,7 +122,7 @@ def error_line(proc):
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_user_errors_are_one_line(workspace, tokenizer):
+def test_user_errors_are_one_line(workspace, tokenizer, monkeypatch, capsys):
     import dataclasses
     from nanochat import checkpoint_manager as cm
     from test_gpt import tiny_model
@@ -138,6 +149,22 @@ def test_user_errors_are_one_line(workspace, tokenizer):
     err = error_line(run("scripts.base_loss", expect_ok=False))
     assert err.startswith(f"error: {latest} cannot be read (") and err.endswith(
         "it is damaged or incomplete; pick an earlier step with --step (saved: 1, 2) or retrain")
+
+    # CORE's bundle is fetched before training, not after hours of it (here from a port where nothing listens)
+    import socket
+    from nanochat import core_eval
+    from scripts import base_train
+    from nanochat.common import UserError
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/eval_bundle.zip"
+    monkeypatch.setattr(core_eval, "EVAL_BUNDLE_URL", closed)
+    with pytest.raises(UserError, match=r"cannot reach 127\.0\.0\.1:\d+ .*place eval_bundle\.zip in .*; or train without CORE: "
+                                        r"--core-metric-every=-1$"):
+        base_train.main([*TINY, "--core-metric-every=2"])
+    with pytest.raises(SystemExit):
+        base_train.main([*TINY, "--model-tag=runs/a"])  # a tag is one folder: load_model could not find it again
+    assert "--model-tag='runs/a' must be a plain folder name" in capsys.readouterr().err
 
     pkl = workspace / "tokenizer" / "tokenizer.pkl"
     pkl.write_bytes(pkl.read_bytes()[:200])

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
@@ -75,3 +76,17 @@ def test_a_fully_masked_micro_batch_gives_zero_loss_not_nan():
     loss = model(x, torch.full_like(x, -1))
     loss.backward()
     assert loss.item() == 0.0 and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--max-seq-len=0", "--max-seq-len must be at least 1 (leave it out to inherit the source's)"),
+    ("--total-batch-size=-512", "--total-batch-size must be at least 1"),
+    ("--num-iterations=0", "--num-iterations must be at least 1, or -1 for one epoch of the mixture"),
+    ("--matrix-lr=nan", "--matrix-lr must be a number >= 0"),
+    ("--model-tag-out=a/b", "--model-tag-out='a/b' must be a plain folder name"),
+])
+def test_finetuning_flags_are_checked_before_any_work(flag, message, capsys):
+    from scripts.chat_sft import parse_args
+    with pytest.raises(SystemExit):
+        parse_args([flag], "sft")
+    assert message in capsys.readouterr().err

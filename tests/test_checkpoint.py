@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,22 @@ def test_damaged_files_are_one_clear_line(base_dir, tokenizer):
     with pytest.raises(UserError, match=r"tokenizer\.pkl cannot be read .*: it is damaged or incomplete; retrain it with "
                                         r"python -m scripts\.tok_train"):
         cm.load_model("base", "cpu", torch.float32, step=1)
+
+
+def test_foreign_objects_and_missing_optimizer_state_are_one_line(base_dir, tokenizer):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    checkpoint_dir = base_dir / "base_checkpoints" / "d4"
+    save(checkpoint_dir, 1, model)  # no optimizer
+    save(checkpoint_dir, 2, model)
+    (checkpoint_dir / "meta_000001.json").write_text('{"model_config": %s}' % json.dumps(dataclasses.asdict(model.config)))
+    tokenizer.save(str(base_dir / "tokenizer"))
+    assert cm.load_model("base", "cpu", torch.float32, step=1)[2]["step"] == 1  # a meta without its step still loads
+    torch.save([1, 2], checkpoint_dir / "model_000002.pt")
+    with pytest.raises(UserError, match=r"model_000002\.pt holds a list, not a checkpoint's weights: pick another step"):
+        cm.load_model("base", "cpu", torch.float32)
+    with pytest.raises(UserError, match=r"step 1 has no optimizer state \(no optim_000001_rank\*\.pt\): it cannot be "
+                                        r"resumed exactly; pick another step with --resume-from-step"):
+        cm.load_checkpoint(str(checkpoint_dir), 1, "cpu", load_optimizer=True, step_flag="--resume-from-step")
 
 
 def test_a_retrained_tokenizer_of_the_same_size_is_refused(base_dir, tokenizer):

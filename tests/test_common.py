@@ -1,10 +1,15 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from nanochat import common
 from nanochat.common import Flags, UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_parser():
@@ -85,6 +90,25 @@ def test_wandb_without_an_account_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
     with pytest.raises(UserError, match=r"^--run=demo logs to wandb: .*Or set WANDB_MODE=offline, or drop --run$"):
         common.init_wandb("demo", "nanochat", {})
+
+
+def test_base_dir_that_cannot_be_a_folder_is_one_line(monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "a_file"))
+    with pytest.raises(UserError, match=r"cannot use .*a_file as NANOCHAT_BASE_DIR \(File exists\): point it at a folder"):
+        common.get_base_dir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", "~/nanochat-test-home")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert common.get_base_dir() == str(tmp_path / "nanochat-test-home")  # ~ means home, not a folder named ~
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`python -m scripts.tok_eval | head -1`: the reader leaves early, the script must not print a traceback."""
+    program = "from nanochat.common import run_cli\nrun_cli(lambda: [print('x' * 100) for _ in range(100_000)])"
+    proc = subprocess.Popen([sys.executable, "-c", program], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 1 and proc.stderr.read() == b""
 
 
 def test_result_line_is_json(capsys):
