@@ -17,11 +17,13 @@ import threading
 from collections import defaultdict
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import UserError, get_dist_info
-from nanochat.dataset import split_files
+from nanochat.dataset import open_shard, read_texts, split_files
+
+STATE_MISMATCH = ("the loader state does not match the shards on disk (they changed since it was saved): put back the "
+                  "shards it was saved with, or start the run afresh without resuming")
 
 
 def to_device(array, device):
@@ -43,9 +45,9 @@ def document_chunks(files, position, rank, world_size, chunk_docs, epochs=None):
         full_epoch = (pq_start, rg_start, row_start) == (0, rank, 0)
         produced = False
         for pq_idx in range(pq_start, len(files)):
-            pf = pq.ParquetFile(files[pq_idx])
+            pf = open_shard(files[pq_idx])
             for rg_idx in range(rg_start, pf.num_row_groups, world_size):
-                texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+                texts = read_texts(pf, rg_idx, files[pq_idx])
                 for start in range(row_start, len(texts), chunk_docs):
                     end = min(start + chunk_docs, len(texts))
                     after = (epoch, pq_idx, rg_idx, end) if end < len(texts) else (epoch, pq_idx, rg_idx + world_size, 0)
@@ -88,6 +90,17 @@ def _tokenize_ahead(chunks, tokenizer, threads, out, stop):
         put(e)
 
 
+def _check_position(files, position, world_size):
+    """A saved reading position points into a row group, or just past a shard's last one (that shard is done)."""
+    _, pq_idx, rg_idx, row = position
+    if not 0 <= pq_idx < len(files) or rg_idx < 0 or row < 0:
+        raise UserError(STATE_MISMATCH)
+    meta = open_shard(files[pq_idx]).metadata
+    inside = rg_idx < meta.num_row_groups and row < meta.row_group(rg_idx).num_rows
+    if not (inside or meta.num_row_groups <= rg_idx < meta.num_row_groups + world_size and row == 0):
+        raise UserError(STATE_MISMATCH)
+
+
 def _restore_buffer(files, doc_ids, tokenizer):
     """Re-read and re-tokenize the buffered documents named in a saved state, in their saved order."""
     wanted = defaultdict(list)
@@ -95,9 +108,16 @@ def _restore_buffer(files, doc_ids, tokenizer):
         wanted[(pq_idx, rg_idx)].append(row)
     texts = {}
     for (pq_idx, rg_idx), rows in wanted.items():
-        column = pq.ParquetFile(files[pq_idx]).read_row_group(rg_idx, columns=["text"]).column("text")
+        if not 0 <= pq_idx < len(files):
+            raise UserError(STATE_MISMATCH)
+        pf = open_shard(files[pq_idx])
+        if not 0 <= rg_idx < pf.num_row_groups:
+            raise UserError(STATE_MISMATCH)
+        group = read_texts(pf, rg_idx, files[pq_idx])
         for row in rows:
-            texts[(pq_idx, rg_idx, row)] = column[row].as_py()
+            if not 0 <= row < len(group):
+                raise UserError(STATE_MISMATCH)
+            texts[(pq_idx, rg_idx, row)] = group[row]
     tokens = tokenizer.encode([texts[tuple(i)] for i in doc_ids], prepend=tokenizer.get_bos_token_id())
     return [np.array(t, dtype=np.int32) for t in tokens]
 
@@ -122,12 +142,13 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
                             f"not rank {rank} of {world_size}: resume with the same number of processes")
         position = tuple(resume_state[k] for k in ("epoch", "pq_idx", "rg_idx", "row"))
         buffered_ids = [tuple(i) for i in resume_state["buffer"]]
+        _check_position(files, position, world_size)
 
     # the buffer: documents sorted by length (ties in arrival order), so best-fit is a binary search
     docs = _restore_buffer(files, buffered_ids, tokenizer) if buffered_ids else []
     lengths = [len(d) for d in docs]
-    if lengths != sorted(lengths):
-        raise UserError("the loader state does not match the shards on disk (they changed since it was saved)")
+    if lengths != sorted(lengths):  # other documents at the same places
+        raise UserError(STATE_MISMATCH)
 
     chunks = queue.Queue(maxsize=4)
     stop = threading.Event()

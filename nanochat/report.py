@@ -9,7 +9,6 @@ $NANOCHAT_BASE_DIR/report/ as <section>.json, and generate renders them. Nothing
 """
 
 import datetime
-import glob
 import json
 import os
 import platform
@@ -17,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-from nanochat.common import Flags, get_base_dir, print_result, run_cli
+from nanochat.common import Flags, UserError, get_base_dir, print_result, run_cli
 
 # pipeline stages in report order; chat_eval gets one section per source
 SECTIONS = ["tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train", "chat_eval-mid", "chat_sft",
@@ -32,8 +31,28 @@ GPU_HOURLY_USD = {"H100": 3.00, "H200": 3.50, "A100": 1.79, "V100": 0.55}  # rou
 
 def report_dir():
     path = os.path.join(get_base_dir(), "report")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise UserError(f"{path} must be a folder for the report card ({e.strerror}): move it away or remove it") from None
     return path
+
+
+def write_json(path, data, **kwargs):
+    """Write by rename, so that a run killed mid-write leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, **kwargs)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    """A saved dict, or None and why it cannot be read (a damaged file must not cost the rest of the report)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{type(e).__name__}: {str(e)[:80]}"
+    return (data, None) if isinstance(data, dict) else (None, f"a JSON {type(data).__name__}, not an object")
 
 
 def section_name(result):
@@ -45,8 +64,8 @@ def log_result(result):
     """Called for every result line: pipeline stages keep theirs (with a timestamp) for the report."""
     name = section_name(result)
     if name in SECTIONS:
-        with open(os.path.join(report_dir(), f"{name}.json"), "w") as f:
-            json.dump({"timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "result": result}, f)
+        write_json(os.path.join(report_dir(), f"{name}.json"),
+                   {"timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "result": result})
 
 
 def _run(cmd):
@@ -90,18 +109,20 @@ def hourly_cost(gpus):
 
 
 def reset():
-    """Start a report: remove old sections, write the header."""
+    """Start a report: remove the old header, sections and rendering (anything else in the folder is not ours)."""
     import torch
-    for path in glob.glob(os.path.join(report_dir(), "*")):
-        os.remove(path)
+    folder = report_dir()
+    for name in ["header.json", "report.md", "curves.svg"] + [f"{section}.json" for section in SECTIONS]:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
     hw, size = hardware(), code_size()
     git = {"branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]), "commit": _run(["git", "rev-parse", "--short", "HEAD"]),
            "dirty": bool(_run(["git", "status", "--porcelain"])), "message": _run(["git", "log", "-1", "--pretty=%s"])[:80]}
     header = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "git": git, "hardware": hw,
               "hourly_cost_usd": hourly_cost(hw["gpus"]), "python": sys.version.split()[0], "torch": torch.__version__,
               "code": size}
-    with open(os.path.join(report_dir(), "header.json"), "w") as f:
-        json.dump(header, f, indent=2)
+    write_json(os.path.join(folder, "header.json"), header, indent=2)
     return header
 
 
@@ -164,35 +185,71 @@ def curves_svg(sections, width=720, height=260):
     return "\n".join(parts)
 
 
+def header_lines(header):
+    hw, git, code = header["hardware"], header["git"], header["code"]
+    gpus = f"{len(hw['gpus'])} x {hw['gpus'][0]} ({hw.get('vram_gb')} GB VRAM, CUDA {hw.get('cuda')})" if hw["gpus"] else "none"
+    cost = f"~${header['hourly_cost_usd']:.2f}/hour" if header["hourly_cost_usd"] else "n/a (no GPU)"
+    datetime.datetime.fromisoformat(header["started"])  # the wall clock time needs it
+    return [f"- Run started: {header['started']}",
+            f"- Git: {git['branch']} {git['commit']}{' (dirty)' if git['dirty'] else ''}: {git['message']}",
+            f"- Hardware: {hw['platform']}, {hw['cpus_physical']} physical / {hw['cpus_logical']} logical CPUs, "
+            f"{hw['ram_gb']} GB RAM, GPUs: {gpus}",
+            f"- Hourly cost estimate: {cost}",
+            f"- Python {header['python']}, PyTorch {header['torch']}",
+            f"- Code: {code['characters']:,} characters, {code['lines']:,} lines, {code['files']} files, "
+            f"~{code['tokens']:,} tokens; uv.lock {code['uv_lock_lines']:,} lines", ""]
+
+
+def read_section(path):
+    """A stage's saved (result, timestamp), or None and why not."""
+    saved, problem = read_json(path)
+    if saved is None:
+        return None, problem
+    result, stamp = saved.get("result"), saved.get("timestamp")
+    try:
+        datetime.datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return None, "no valid timestamp"
+    return ((result, stamp), None) if isinstance(result, dict) else (None, "no result object")
+
+
 def generate(copy_to="."):
-    """Render report.md, and copy it (with its picture) to copy_to, the working directory by default."""
+    """
+    Render report.md, and copy it (with its picture) to copy_to, the working directory by default.
+    A damaged header or section file (a run killed mid-write, a hand edit) costs only its own part: the report
+    says which file it could not read, and the rest is rendered.
+    """
+    if not (os.path.isdir(copy_to) and os.access(copy_to, os.W_OK)):
+        raise UserError(f"--copy-to {copy_to} is not a folder you can write: create it, or pass another")
     folder = report_dir()
+    out, unreadable = ["# nanochat training report", ""], []
     header_path = os.path.join(folder, "header.json")
-    header = json.load(open(header_path)) if os.path.exists(header_path) else None
+    header, problem = read_json(header_path) if os.path.exists(header_path) else (None, None)
+    if header is not None:
+        try:
+            out += header_lines(header)
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # valid JSON, but not a header
+            header, problem = None, f"{type(e).__name__}: {e}"
+    if problem:
+        unreadable.append(f"{header_path} ({problem})")
+        out += [f"- Run details unknown: {header_path} is unreadable ({problem})", ""]
     sections, stamps = {}, {}
     for name in SECTIONS:
         path = os.path.join(folder, f"{name}.json")
-        if os.path.exists(path):
-            saved = json.load(open(path))
-            sections[name], stamps[name] = saved["result"], saved["timestamp"]
-    out = ["# nanochat training report", ""]
-    if header:
-        hw, git, code = header["hardware"], header["git"], header["code"]
-        gpus = f"{len(hw['gpus'])} x {hw['gpus'][0]} ({hw.get('vram_gb')} GB VRAM, CUDA {hw.get('cuda')})" if hw["gpus"] else "none"
-        cost = f"~${header['hourly_cost_usd']:.2f}/hour" if header["hourly_cost_usd"] else "n/a (no GPU)"
-        out += [f"- Run started: {header['started']}",
-                f"- Git: {git['branch']} {git['commit']}{' (dirty)' if git['dirty'] else ''}: {git['message']}",
-                f"- Hardware: {hw['platform']}, {hw['cpus_physical']} physical / {hw['cpus_logical']} logical CPUs, "
-                f"{hw['ram_gb']} GB RAM, GPUs: {gpus}",
-                f"- Hourly cost estimate: {cost}",
-                f"- Python {header['python']}, PyTorch {header['torch']}",
-                f"- Code: {code['characters']:,} characters, {code['lines']:,} lines, {code['files']} files, "
-                f"~{code['tokens']:,} tokens; uv.lock {code['uv_lock_lines']:,} lines", ""]
-    for name in SECTIONS:
-        if name in sections:
-            out += [f"## {TITLES[name]}", f"timestamp: {stamps[name]}", ""]
-            out += [f"- {k}: {_fmt(v)}" for k, v in sections[name].items() if k not in ("stage", "curve", "samples")]
-            out.append("")
+        if not os.path.exists(path):
+            continue
+        saved, problem = read_section(path)
+        out += [f"## {TITLES[name]}"]
+        if saved is None:
+            unreadable.append(f"{path} ({problem})")
+            out += [f"{path} is unreadable ({problem}): rerun the stage to restore this section", ""]
+            continue
+        sections[name], stamps[name] = saved
+        out += [f"timestamp: {stamps[name]}", ""]
+        out += [f"- {k}: {_fmt(v)}" for k, v in sections[name].items() if k not in ("stage", "curve", "samples")]
+        out.append("")
+    for item in unreadable:
+        print(f"note: cannot read {item}: the report goes on without it")
     table, columns = summary_table(sections)
     out += ["## Summary", "", table, ""]
     if header and stamps:

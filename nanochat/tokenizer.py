@@ -24,6 +24,19 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 
+MAX_VOCAB_SIZE = 2**31 - 1  # token ids are int32 in the loader (rustbpe's u32 overflows at 2**32)
+
+
+def check_vocab_size(vocab_size):
+    """Refuse sizes rustbpe cannot take: it panics below 256 (a panic is not an Exception), overflows past u32."""
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise UserError(f"--vocab-size={vocab_size} is too small: it must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"--vocab-size={vocab_size} is too large: it must be at most {MAX_VOCAB_SIZE:,} (token ids are "
+                        "32-bit; GPT-4's vocabulary is ~100K)")
+
+
 class RustBPETokenizer:
     """A tiktoken Encoding with nanochat's special tokens appended after the BPE ranks."""
 
@@ -35,10 +48,7 @@ class RustBPETokenizer:
     def train_from_iterator(cls, text_iterator, vocab_size):
         import rustbpe
         import tiktoken
-        minimum = 256 + len(SPECIAL_TOKENS)
-        if vocab_size < minimum:
-            # rustbpe panics below 256, and its panic is not an Exception: check first
-            raise UserError(f"--vocab-size={vocab_size} is too small: it must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        check_vocab_size(vocab_size)
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         ranks = dict(bpe.get_mergeable_ranks())
@@ -241,13 +251,22 @@ def get_tokenizer():
     return RustBPETokenizer.from_directory(tokenizer_dir())
 
 
-def get_token_bytes(device="cpu"):
+def get_token_bytes(device="cpu", vocab_size=None):
+    """Each token's length in bytes, as tok_train saved it; checked to fit the tokenizer (get_tokenizer()'s by default)."""
     import torch
     path = os.path.join(tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise UserError(f"no token_bytes.pt at {path}: run python -m scripts.tok_train first")
     try:
-        return torch.load(path, map_location=device)
+        token_bytes = torch.load(path, map_location=device)
     except Exception as e:
         raise UserError(f"{path} cannot be read ({type(e).__name__}): it is damaged or incomplete; "
                         "retrain the tokenizer with python -m scripts.tok_train") from None
+    vocab_size = get_tokenizer().get_vocab_size() if vocab_size is None else vocab_size
+    integers = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    is_tensor = isinstance(token_bytes, torch.Tensor)
+    if not (is_tensor and token_bytes.dtype in integers and token_bytes.shape == (vocab_size,)):
+        found = f"a {token_bytes.dtype} tensor of shape {tuple(token_bytes.shape)}" if is_tensor else f"a {type(token_bytes).__name__}"
+        raise UserError(f"{path} holds {found}, not one integer per token of the {vocab_size:,}-token tokenizer: "
+                        "retrain the tokenizer with python -m scripts.tok_train")
+    return token_bytes

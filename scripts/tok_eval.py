@@ -8,7 +8,7 @@ next to GPT-2's and GPT-4's tokenizers when their encodings can be loaded (they 
 import socket
 
 from nanochat.common import UserError, print_result, run_cli, Flags
-from nanochat.dataset import parquets_iter_batched
+from nanochat.dataset import parquets_iter_batched, split_files
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
 SAMPLES = {
@@ -62,19 +62,27 @@ def load_reference_tokenizers():
 
 
 def shard_samples():
+    """The first row group of each split; no shards yet is fine (skipped), a damaged shard is an error."""
     texts = {}
     for split in ("train", "val"):
         try:
-            texts[split] = "\n".join(next(parquets_iter_batched(split)))
-        except (UserError, StopIteration) as e:
+            split_files(split)
+        except UserError as e:
             print(f"no {split} data to evaluate on ({e}); skipping it")
+            continue
+        batch = next(parquets_iter_batched(split), [])
+        if batch:
+            texts[split] = "\n".join(batch)
+        else:
+            print(f"no {split} data to evaluate on (its shards hold no text); skipping it")
     return texts
 
 
 def main(argv=None):
     Flags(description="Evaluate the tokenizer's compression ratio.").parse_args(argv)
-    tokenizers = {"ours": get_tokenizer(), **load_reference_tokenizers()}
-    texts = {**SAMPLES, **shard_samples()}
+    ours = get_tokenizer()
+    texts = {**SAMPLES, **shard_samples()}  # before the reference tokenizers' downloads: a damaged shard fails fast
+    tokenizers = {"ours": ours, **load_reference_tokenizers()}
     ratios = {name: {} for name in tokenizers}
     header = f"{'text':<10} {'bytes':>9}" + "".join(f" | {name + ' tokens':>12} {'ratio':>6}" for name in tokenizers)
     print(header)

@@ -9,7 +9,7 @@ import time
 
 from nanochat.common import Flags, UserError, print_result, run_cli
 from nanochat.dataset import parquets_iter_batched, split_files
-from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, tokenizer_dir
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, check_vocab_size, tokenizer_dir
 
 ROUND_TRIP_TEXT = "Hello world! Ünïcödé, 中文, 한국어, emoji 🤖👍🏽, numbers 12345 and\ttabs\n\nnew lines."
 
@@ -20,9 +20,7 @@ def main(argv=None):
     parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size, special tokens included")
     args = parser.parse_args(argv)
-    minimum = 256 + len(SPECIAL_TOKENS)
-    if args.vocab_size < minimum:
-        raise UserError(f"--vocab-size={args.vocab_size} is too small: it must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    check_vocab_size(args.vocab_size)
     if args.max_chars < 1 or args.doc_cap < 1:
         raise UserError("--max-chars and --doc-cap must be positive")
     split_files("train")  # fail before training if there is no data

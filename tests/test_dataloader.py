@@ -1,4 +1,6 @@
 import json
+import os
+import pathlib
 import re
 
 import pytest
@@ -8,6 +10,7 @@ from conftest import make_docs
 from nanochat import dataset
 from nanochat.common import UserError
 from nanochat.dataloader import document_chunks, tokenizing_distributed_data_loader
+from test_dataset import DAMAGE, DAMAGE_ERRORS, damage_shard
 
 B, T = 4, 64
 
@@ -129,3 +132,38 @@ def test_conversations_one_pass(tokenizer, tmp_path):
     batches = list(conversation_batches(tokenizer, CustomJSON(str(path)), B=2, T=32, buffer_size=8, epochs=1))
     answers = re.findall(r"answer (\d+)", "".join(tokenizer.decode(x.flatten().tolist()) for x, _, _ in batches))
     assert sorted(map(int, answers)) == list(range(37))
+
+
+@pytest.mark.parametrize("change", ["removed", "shrunk"])
+def test_resume_after_the_shards_changed_is_refused(tokenizer, data_dir, change):
+    it = loader(tokenizer, data_dir)
+    state = next(state for _, _, state in it if state["pq_idx"] == 1)  # reading the second train shard
+    it.close()
+    if change == "removed":  # the val shard moves up into the train split: too few files for the saved position
+        os.remove(os.path.join(data_dir, dataset.shard_name(1)))
+        dataset.write_shard(make_docs(50, seed=8), os.path.join(data_dir, dataset.shard_name(3)))
+    else:  # the same files, fewer documents in each
+        for i in (0, 1):
+            dataset.write_shard(make_docs(20, seed=i), os.path.join(data_dir, dataset.shard_name(i)))
+    with pytest.raises(UserError, match=r"^the loader state does not match the shards on disk \(they changed since it "
+                                        r"was saved\): put back the shards it was saved with, or start the run afresh"):
+        next(loader(tokenizer, data_dir, resume_state=state))
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_shard_stops_the_loader_with_one_error(tokenizer, data_dir, how):
+    shard = pathlib.Path(data_dir, dataset.shard_name(1))
+    damage_shard(shard, how)
+    it = loader(tokenizer, data_dir)
+    with pytest.raises(UserError, match=rf"^shard {shard} {DAMAGE_ERRORS[how]}.*: it is damaged or not a nanochat shard"):
+        for _ in range(100):  # the first shard is read fine, then the damaged one is reached
+            next(it)
+
+
+def test_damaged_shard_named_when_restoring_the_buffer(tokenizer, data_dir):
+    _, _, state = next(loader(tokenizer, data_dir))
+    assert {pq_idx for pq_idx, _, _ in state["buffer"]} == {0}
+    shard = os.path.join(data_dir, dataset.shard_name(0))
+    dataset.write_shard([None] * 499 + ["the last"], shard)  # the same rows and row groups, the texts gone
+    with pytest.raises(UserError, match=rf"^shard {shard} has \d+ null text\(s\) in row group 0"):
+        next(loader(tokenizer, data_dir, resume_state=state))

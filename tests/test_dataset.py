@@ -69,6 +69,85 @@ def test_no_data_says_what_to_run():
         dataset.split_files("train")
 
 
+def damage_shard(path, how):
+    """Turn a good shard at path into a damaged or foreign one."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif how == "corrupt page":  # footer intact, the first data page overwritten
+        body = bytearray(path.read_bytes())
+        body[4:200] = bytes(196)
+        path.write_bytes(bytes(body))
+    else:
+        table = {"no text column": {"content": ["a", "b"]}, "null texts": {"text": ["a", None, "c"]},
+                 "int texts": {"text": [1, 2, 3]}}[how]
+        pq.write_table(pa.table(table), path)
+
+
+DAMAGE = ["truncated", "corrupt page", "no text column", "null texts", "int texts"]
+DAMAGE_ERRORS = {"truncated": "cannot be read", "corrupt page": "row group 0 cannot be read", "no text column":
+                 r"has no `text` column \(columns: content\)", "null texts": r"has 1 null text\(s\) in row group 0",
+                 "int texts": "has a `text` column of int64, not strings"}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_or_foreign_shard_is_one_error_naming_it(tmp_path, how):
+    out = tmp_path / "shards"
+    dataset.build_local([_write_jsonl(tmp_path, make_docs(30))], str(out))
+    shard = out / dataset.shard_name(0)
+    damage_shard(shard, how)
+    with pytest.raises(UserError, match=rf"^shard {shard} {DAMAGE_ERRORS[how]}.*: it is damaged or not a nanochat "
+                                        r"shard; delete it and download it again with python -m nanochat.dataset, "
+                                        r"or rebuild the shards with python -m nanochat.dataset --local PATH$"):
+        list(dataset.parquets_iter_batched("train", data_dir=str(out)))
+    # a download refetches what cannot be a shard (the null texts only show when a row group is read)
+    assert dataset.is_complete_shard(str(shard)) == (how in ("corrupt page", "null texts"))
+
+
+@pytest.mark.parametrize("name, body, error", [
+    ("bad.jsonl", b'{"text": "fine"}\n\n{"text": "a",}\n', r"bad.jsonl:3: not valid JSON \(Expecting property name "
+                                                           r"enclosed in double quotes: column 14\): fix or remove the line$"),
+    ("latin1.jsonl", b'"fine"\n"caf\xe9"\n', r"latin1.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 4\)"),
+    ("fake.parquet", b"this is not parquet", r"fake.parquet: not a readable parquet file \(Parquet magic bytes"),
+])
+def test_bad_local_input_names_file_and_line(tmp_path, name, body, error):
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(UserError, match=error):
+        dataset.read_local_documents([str(tmp_path / name)])
+
+
+def test_local_parquet_of_numbers_is_refused(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(UserError, match=r"ints.parquet: its `text` column holds int64, not strings"):
+        dataset.read_local_documents([str(tmp_path / "ints.parquet")])
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--base-url", "foo", "-n", "1"], r"^--base-url='foo' is not a URL: it must start with http://, https:// or file://$"),
+    (["--base-url", "ftp://mirror/x"], "is not a URL"),
+    (["-n", "-5"], r"^--num-files=-5: give a number of train shards, or -1 for all of them$"),
+    (["-w", "0"], r"^--num-workers=0 must be at least 1$"),
+    (["--local", "x.txt", "-n", "5", "--base-url", "http://a"],
+     r"^--local builds shards from local files and downloads nothing: drop --num-files, --base-url$"),
+    (["--doc-chars", "500"], r"^--doc-chars only shape the shards that --local builds: add --local PATH, or drop "
+                             r"--doc-chars to download$"),
+    (["--local", "x.txt", "--doc-chars", "0"], r"^--doc-chars=0 must be at least 1$"),
+    (["--local", "x.txt", "--doc-chars", "-3"], r"^--doc-chars=-3 must be at least 1$"),
+])
+def test_cli_refuses_bad_flags_before_any_work(args, error):
+    with pytest.raises(UserError, match=error):
+        dataset.main(args)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_output_dir_that_cannot_be_a_folder(tmp_path, local):
+    (tmp_path / "a_file").write_text("x")
+    src = _write_jsonl(tmp_path, make_docs(5))
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        args = ["--local", src] if local else ["-n", "1", "--base-url", "http://127.0.0.1:9"]
+        with pytest.raises(UserError, match=rf"^--output-dir {out} cannot be a folder \(.*\): pass a folder you can write$"):
+            dataset.main([*args, "--output-dir", str(out)])
+
+
 def _write_jsonl(tmp_path, docs):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
@@ -156,16 +235,32 @@ def test_download_retries_and_refetches_truncated_shards(tmp_path, climbmix_shar
 
 
 def test_download_gives_up_cleanly(tmp_path, climbmix_shards):
-    del climbmix_shards["shard_00001.parquet"]  # the server answers 404: not retried
-    server = FlakyShardServer(climbmix_shards, truncate=set())
-    server.truncate = {"shard_00002.parquet"}
+    server = FlakyShardServer(climbmix_shards, fail={"shard_00001.parquet"})  # one 500, and a single attempt
     try:
         with pytest.raises(UserError, match="1 shard\\(s\\) failed .*shard_00001.*run the same command again"):
-            dataset.download(3, base_url=server.url, out_dir=str(tmp_path / "d"), workers=2, backoff=0.01)
+            dataset.download(3, base_url=server.url, out_dir=str(tmp_path / "d"), workers=2, attempts=1)
     finally:
         server.close()
     assert server.requests["shard_00001.parquet"] == 1
     assert sorted(os.listdir(tmp_path / "d")) == ["shard_00000.parquet", "shard_00002.parquet", "shard_06542.parquet"]
+
+
+def test_a_missing_shard_fails_at_once_naming_its_url(tmp_path, climbmix_shards):
+    del climbmix_shards["shard_00002.parquet"]  # the mirror answers 404: not transient, so neither retried nor "run again"
+    server, empty = FlakyShardServer(climbmix_shards), FlakyShardServer({})
+    try:
+        with pytest.raises(UserError, match=r"/resolve/main/shard_00002.parquet answers HTTP 404 Not Found: check the address"):
+            dataset.download(3, base_url=server.url, out_dir=str(tmp_path / "d"), workers=1, backoff=10)
+        with pytest.raises(UserError, match=r"/resolve/main/shard_00000.parquet answers HTTP 404"):  # a wrong mirror
+            dataset.download(3, base_url=empty.url, out_dir=str(tmp_path / "e"))
+    finally:
+        server.close()
+        empty.close()
+    assert server.requests["shard_00002.parquet"] == 1 and "shard_00002.parquet" not in os.listdir(tmp_path / "d")
+    assert not empty.requests  # refused by the HEAD probe, before any download
+    assert not [f for f in os.listdir(tmp_path / "d") if f.endswith(".tmp")]
+    with pytest.raises(UserError, match=r"file://.*/nowhere/shard_00000.parquet cannot be read"):
+        dataset.download(1, base_url=f"file://{tmp_path}/nowhere", out_dir=str(tmp_path / "f"))
 
 
 def test_unreachable_server_fails_fast(tmp_path):
@@ -194,6 +289,7 @@ def test_cli_downloads_and_prints_json(tmp_path, climbmix_shards, base_dir):
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag (see --help)"),
     (["--local", "/no/such/path"], "error: --local: /no/such/path does not exist"),
     (["--dataset", "nope"], "invalid choice"),
+    (["--base-url", "foo", "-n", "1"], "error: --base-url='foo' is not a URL"),
 ])
 def test_cli_errors_are_one_line(args, message):
     proc = subprocess.run([sys.executable, "-m", "nanochat.dataset", *args], cwd=REPO, capture_output=True, text=True,

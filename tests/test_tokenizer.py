@@ -149,3 +149,26 @@ def test_vocab_below_bytes_plus_specials_is_a_clear_error():
     # rustbpe would panic (uncatchable by `except Exception`) below 256: we refuse first
     with pytest.raises(UserError, match="at least 265"):
         RustBPETokenizer.train_from_iterator(iter(["some text"]), 100)
+
+
+@pytest.mark.parametrize("content, found", [
+    (lambda torch: torch.zeros(10, dtype=torch.int32), r"a torch.int32 tensor of shape \(10,\)"),
+    (lambda torch: {"token_bytes": torch.zeros(400, dtype=torch.int32)}, "a dict"),
+    (lambda torch: torch.zeros(400), r"a torch.float32 tensor of shape \(400,\)"),
+    (lambda torch: torch.zeros(400, 1, dtype=torch.int64), r"a torch.int64 tensor of shape \(400, 1\)"),
+])
+def test_token_bytes_that_do_not_fit_the_tokenizer(tokenizer, content, found):
+    import torch
+    tokenizer.save(tokenizer_dir())
+    torch.save(content(torch), f"{tokenizer_dir()}/token_bytes.pt")
+    with pytest.raises(UserError, match=rf"token_bytes.pt holds {found}, not one integer per token of the 400-token "
+                                        r"tokenizer: retrain the tokenizer with python -m scripts.tok_train$"):
+        get_token_bytes()
+    torch.save(torch.zeros(400, dtype=torch.int32), f"{tokenizer_dir()}/token_bytes.pt")
+    with pytest.raises(UserError, match="of the 512-token tokenizer"):  # a caller may name the size it expects
+        get_token_bytes(vocab_size=512)
+
+
+def test_vocab_too_large_for_32_bit_ids_is_a_clear_error():
+    with pytest.raises(UserError, match=r"--vocab-size=5000000000 is too large: it must be at most 2,147,483,647"):
+        RustBPETokenizer.train_from_iterator(iter(["some text"]), 5_000_000_000)
