@@ -8,7 +8,9 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
+import re
 import sys
 
 # torch is imported inside the functions that need it, so that data and tokenizer tools start fast.
@@ -244,6 +246,24 @@ class Flags(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def check_minimums(args, minimums):
+    """
+    minimums: {flag: lowest}, the flag as its help names it ("--max-seq-len" or "-b/--batch-size"). A value below
+    its lowest, or a float that is not a finite number (nan compares false with everything), is one line naming the
+    flag; None (left out: a default comes later) passes.
+    """
+    for flag, lowest in minimums.items():
+        value = getattr(args, flag.rpartition("--")[2].replace("-", "_"))
+        if value is not None and not (math.isfinite(value) and value >= lowest):
+            raise UserError(f"{flag}={value} must be {'a number >= ' if isinstance(value, float) else 'at least '}{lowest}")
+
+
+def check_folder_name(flag, name):
+    """A checkpoint tag is one folder: 'runs/a' would be written where load_model never looks."""
+    if name is not None and not re.fullmatch(r"[\w.-]+", name):
+        raise UserError(f"{flag}={name!r} must be a plain folder name (letters, digits, '_', '-', '.')")
 
 
 def print_result(stage, **fields):

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import zipfile
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -43,22 +44,38 @@ def get_eval_bundle():
                 fetch(EVAL_BUNDLE_URL, archive, check=zipfile.is_zipfile)
             staging = bundle + ".tmp"
             shutil.rmtree(staging, ignore_errors=True)
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(staging)
+            try:
+                with zipfile.ZipFile(archive) as z:
+                    z.extractall(staging)
+            except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a damaged member
+                shutil.rmtree(staging, ignore_errors=True)
+                raise UserError(f"cannot unpack {archive} ({e}): delete it so it is fetched again") from None
             inner = os.path.join(staging, "eval_bundle")  # the archive holds one top-level folder
-            os.replace(inner if os.path.isdir(inner) else staging, bundle)
+            unpacked = inner if os.path.isdir(inner) else staging
+            if not os.path.exists(os.path.join(unpacked, "core.yaml")):
+                shutil.rmtree(staging, ignore_errors=True)
+                raise UserError(f"{archive} is not the CORE eval bundle (no core.yaml inside): delete it so it is "
+                                "fetched again")
+            shutil.rmtree(bundle, ignore_errors=True)  # a half-made bundle, without its core.yaml
+            os.replace(unpacked, bundle)
             shutil.rmtree(staging, ignore_errors=True)
     return bundle
 
 
 def load_tasks(bundle):
-    """[(task config, random baseline in %)] from core.yaml and eval_meta_data.csv."""
+    """[(task config, random baseline in %)] from core.yaml and eval_meta_data.csv, each task's data file checked."""
     import yaml
-    with open(os.path.join(bundle, "core.yaml")) as f:
-        tasks = yaml.safe_load(f)["icl_tasks"]
-    with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-    return [(task, baselines[task["label"]]) for task in tasks]
+    try:
+        with open(os.path.join(bundle, "core.yaml")) as f:
+            tasks = yaml.safe_load(f)["icl_tasks"]
+        with open(os.path.join(bundle, "eval_meta_data.csv")) as f:
+            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+        for task in tasks:  # missing data fails here, before any task has run
+            open(os.path.join(bundle, "eval_data", task["dataset_uri"])).close()
+        return [(task, baselines[task["label"]]) for task in tasks]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the eval bundle at {bundle} is damaged ({type(e).__name__}: {e}): delete it, and the "
+                        "eval_bundle.zip beside it, so they are fetched again") from None
 
 
 # -----------------------------------------------------------------------------

@@ -166,7 +166,8 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """
         Yield (token_column, mask_column) per step: one token per sample, mask 1 if sampled, 0 if forced by a tool.
-        Stops when every sample has ended (<|assistant_end|> or <|bos|>) or after max_tokens steps.
+        Stops when every sample has ended (<|assistant_end|> or <|bos|>) or after max_tokens steps; prompt and
+        max_tokens must fit the rotary tables (answer_budget gives the most that does).
         """
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of token ids")
@@ -180,6 +181,9 @@ class Engine:
         capacity = len(tokens) + max_tokens if max_tokens is not None else model.config.sequence_len
         if capacity <= len(tokens):
             return
+        if capacity > model.cos.size(1):  # the model has no positions past its rotary tables
+            raise ValueError(f"{len(tokens)} prompt tokens + max_tokens={max_tokens} run past the model's "
+                             f"{model.cos.size(1)} positions: cut max_tokens with answer_budget()")
 
         # 1) prefill the prompt once, at batch 1; every sample draws its first token from these logits independently
         prefill_cache = KVCache.for_model(model, 1, len(tokens))

@@ -10,10 +10,9 @@ import dataclasses
 import gc
 import math
 import os
-import re
 import time
 
-from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype,
+from nanochat.common import (Flags, UserError, check_folder_name, check_minimums, compute_cleanup, compute_init, get_base_dir, get_compute_dtype,
                              get_peak_flops, init_wandb, peak_memory_mib, print0, print_result, run_cli)
 
 B_REF = 2 ** 19  # tokens per step of the d12 reference run that the hyperparameters were tuned at
@@ -60,20 +59,16 @@ def parse_args(argv):
     p.add_argument("--compile", choices=["auto", "0", "1"], default="auto",
                    help="torch.compile the model (auto: on CUDA, and on CPU for runs of 500+ steps)")
     args = p.parse_args(argv)
-    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_minimums(args, {"--depth": 1, "--aspect-ratio": 1, "--head-dim": 1, "--max-seq-len": 1, "--device-batch-size": 1,
+                          "--embedding-lr": 0, "--unembedding-lr": 0, "--matrix-lr": 0, "--scalar-lr": 0,
+                          "--weight-decay": 0, "--warmup-steps": 0})
+    check_folder_name("--model-tag", args.model_tag)
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         p.error("give a horizon: --num-iterations, --target-flops or --target-param-data-ratio")
     if not 0 <= args.warmdown_ratio <= 1:
         p.error("--warmdown-ratio must be between 0 and 1")
     if args.head_dim % 2:
         p.error(f"--head-dim={args.head_dim} must be even: rotary embeddings turn pairs of dimensions")
-    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative")
-    if args.model_tag is not None and not re.fullmatch(r"[\w.-]+", args.model_tag):
-        p.error(f"--model-tag={args.model_tag!r} must be a plain folder name (letters, digits, '_', '-', '.')")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
         p.error(f"--window-pattern={args.window_pattern!r} must be a string of S and L, like SSSL")
     return args

@@ -11,7 +11,7 @@ model reads loses its oldest turns, with a note, under the same limits chat_web 
 
 import time
 
-from nanochat.common import Flags, UserError, compute_init, get_compute_dtype, print_result, run_cli
+from nanochat.common import Flags, UserError, check_minimums, compute_init, get_compute_dtype, print_result, run_cli
 
 
 def drop_oldest_turns(tokens, user_start, limit):
@@ -31,14 +31,15 @@ def main(argv=None):
     p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest d<N>)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("-p", "--prompt", default="", help="answer this one prompt and exit")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("-m", "--max-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     args = p.parse_args(argv)
-    if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
-        raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
+    check_minimums(args, {"-t/--temperature": 0, "-k/--top-k": 0, "-m/--max-tokens": 1})
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("-p/--prompt is empty: give the text to answer, or leave -p out to chat")
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine, TextStream, answer_budget

@@ -8,7 +8,8 @@ when all six ran. SyntheticMath (offline GSM8K-style problems) is available too,
     python -m scripts.chat_eval -i sft -a "HumanEval|SpellingBee|SyntheticMath" -x 50     # offline
 """
 
-from nanochat.common import Flags, UserError, compute_cleanup, compute_init, get_compute_dtype, print0, print_result, run_cli
+from nanochat.common import (Flags, UserError, check_minimums, compute_cleanup, compute_init, get_compute_dtype, print0,
+                             print_result, run_cli)
 
 TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath"]
 
@@ -51,6 +52,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise UserError(f"unknown task {', '.join(unknown) or '(none)'}: choose from {', '.join(TASKS)}")
+    check_minimums(args, {"-m/--max-new-tokens": 1, "-n/--num-samples": 1, "-k/--top-k": 0, "-b/--batch-size": 1,
+                          "-x/--max-problems": 1, "-t/--temperature": 0})
     if args.num_samples > 1 and args.temperature == 0:
         raise UserError("-n above 1 samples the same greedy answer every time: give a temperature (-t 1.0)")
 
@@ -76,7 +79,9 @@ def main(argv=None):
         counts = torch.tensor([hits, n], dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(counts)
-        accuracies[name] = (counts[0] / counts[1].clamp(min=1)).item()
+        if counts[1] == 0:  # an accuracy of 0/0 is no result, not 0
+            raise UserError(f"{name} has no problems to evaluate: check its data")
+        accuracies[name] = (counts[0] / counts[1]).item()
         print0(f"{name}: {accuracies[name]:.4f} ({int(counts[0])}/{int(counts[1])})")
     score = chatcore({k: v for k, v in accuracies.items() if k != "SyntheticMath"})
     if score is not None:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 
-from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
+from nanochat.common import (Flags, UserError, check_minimums, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
                              print0, print_result, run_cli)
 
 
@@ -42,6 +42,12 @@ def main(argv=None):
     p.add_argument("--eval-examples", type=int, default=400)
     p.add_argument("--save-every", type=int, default=60)
     args = p.parse_args(argv)
+    check_minimums(args, {f"--{name}": 1 for name in ("num-epochs", "device-batch-size", "examples-per-step", "num-samples",
+                                                      "max-new-tokens", "eval-every", "eval-examples", "save-every")})
+    check_minimums(args, {f"--{name}": 0 for name in ("temperature", "top-k", "embedding-lr", "unembedding-lr",
+                                                      "matrix-lr", "weight-decay", "init-lr-frac")})
+    if not (args.num_steps >= 1 or args.num_steps == -1):
+        raise UserError(f"--num-steps={args.num_steps} must be at least 1, or -1 for --num-epochs over the problems")
     if args.num_samples % args.device_batch_size:
         raise UserError(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size}")
 
@@ -49,18 +55,14 @@ def main(argv=None):
     import torch.distributed as dist
 
     from nanochat.checkpoint_manager import find_checkpoint, load_model, save_checkpoint, save_meta
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine, answer_budget
     from tasks.gsm8k import GSM8K, SyntheticMath
 
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     master = rank == 0
     if args.examples_per_step % world_size:
         raise UserError(f"--examples-per-step={args.examples_per_step} must be divisible by the {world_size} processes")
-    dtype = get_compute_dtype(device.type)[0]
-    model, tokenizer, _ = load_model(args.source, device, dtype, phase="train",
-                                     model_tag=args.model_tag, step=args.model_step)
     source_dir, _ = find_checkpoint(args.source, args.model_tag, args.model_step)
-    engine = Engine(model, tokenizer)
     try:
         train_task = GSM8K("main", "train") if args.data == "hub" else SyntheticMath(8000, "train")
         val_task = GSM8K("main", "test") if args.data == "hub" else SyntheticMath(500, "test")
@@ -69,6 +71,13 @@ def main(argv=None):
             raise
         raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
     num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
+    if num_steps == 0:
+        raise UserError(f"--examples-per-step={args.examples_per_step} is more than the {len(train_task)} training "
+                        "problems, so an epoch has no step: lower it, or give --num-steps")
+    dtype = get_compute_dtype(device.type)[0]
+    model, tokenizer, _ = load_model(args.source, device, dtype, phase="train",
+                                     model_tag=args.model_tag, step=args.model_step)
+    engine = Engine(model, tokenizer)
     examples_per_rank = args.examples_per_step // world_size
     passes = args.num_samples // args.device_batch_size
 
@@ -80,6 +89,10 @@ def main(argv=None):
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     wandb_run = init_wandb(args.run, "nanochat-rl", vars(args), master)
 
+    def budget(prompt):
+        """--max-new-tokens, cut where the model's positions end."""
+        return answer_budget(model, len(prompt), args.max_new_tokens)
+
     def rollouts(example_index, step):
         """Yield (inputs, targets, rewards) for device_batch_size samples at a time of one problem."""
         conversation = train_task[example_index]
@@ -87,7 +100,7 @@ def main(argv=None):
         for k in range(passes):
             model.eval()
             seed = hash((step, example_index, k)) & 0x7FFFFFFF
-            sequences, masks = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=args.max_new_tokens,
+            sequences, masks = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=budget(prompt),
                                                      temperature=args.temperature, top_k=args.top_k, seed=seed)
             model.train()
             rewards = [train_task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
@@ -106,7 +119,7 @@ def main(argv=None):
         for i in range(rank, min(args.eval_examples, len(val_task)), world_size):
             conversation = val_task[i]
             prompt = tokenizer.render_for_completion(conversation)
-            sequences, _ = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=args.max_new_tokens,
+            sequences, _ = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=budget(prompt),
                                                  temperature=args.temperature, top_k=args.top_k, seed=i)
             correct = [val_task.evaluate(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
             hits += torch.tensor([float(any(correct[:k + 1])) for k in range(len(correct))], device=device)

@@ -10,12 +10,10 @@ learning rates are inherited from the source checkpoint unless given.
 
 import dataclasses
 import gc
-import math
 import os
-import re
 import time
 
-from nanochat.common import (Flags, UserError, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
+from nanochat.common import (Flags, UserError, check_folder_name, check_minimums, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
                              print0, print_result, run_cli)
 
 IDENTITY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev", "identity_conversations.jsonl")
@@ -81,15 +79,10 @@ def parse_args(argv, stage):
         p.error(f"--source={args.source} cannot feed {stage}: use base{' or mid' if stage == 'sft' else ''}")
     if args.num_iterations == 0 or args.num_iterations < -1:
         p.error("--num-iterations must be at least 1, or -1 for one epoch of the mixture")
-    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1 (leave it out to inherit the source's)")
-    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "init_lr_frac"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            p.error(f"--{name.replace('_', '-')} must be a number >= 0")
-    if args.model_tag_out is not None and not re.fullmatch(r"[\w.-]+", args.model_tag_out):
-        p.error(f"--model-tag-out={args.model_tag_out!r} must be a plain folder name (letters, digits, '_', '-', '.')")
+    # left out, the sizes and learning rates are the source's
+    check_minimums(args, {"--max-seq-len": 1, "--device-batch-size": 1, "--total-batch-size": 1, "--embedding-lr": 0,
+                          "--unembedding-lr": 0, "--matrix-lr": 0, "--init-lr-frac": 0})
+    check_folder_name("--model-tag-out", args.model_tag_out)
     return args
 
 

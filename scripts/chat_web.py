@@ -14,12 +14,14 @@ full queue 503 with Retry-After.
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
 import math
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -78,7 +80,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    temperature: Optional[float] = Field(None, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
+    temperature: Optional[float] = Field(None, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)
     top_k: Optional[int] = Field(None, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1])
     max_tokens: Optional[int] = Field(None, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
     max_completion_tokens: Optional[int] = Field(None, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
@@ -150,6 +152,10 @@ def conversation(req):
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     if total > MAX_CONVERSATION_CHARS:
         raise RequestError(f"messages: the conversation is longer than {MAX_CONVERSATION_CHARS} characters", "messages")
+    asking = messages[:-1] if messages[-1]["role"] == "assistant" else messages  # a final assistant message is dropped
+    if not asking or asking[-1]["role"] != "user":
+        raise RequestError("messages: the conversation needs a user message to answer, last (or before a final "
+                           "assistant message)", "messages")
     return messages
 
 
@@ -577,6 +583,27 @@ def create_app(workers, default_temperature=0.8, default_top_k=50, default_max_t
     return app
 
 
+def listening_socket(host, port):
+    """A socket bound to host:port for uvicorn to serve on; a bad --host or a port in use is one clear line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host={host!r} does not resolve ({e.strerror}): give an address of this machine, "
+                        "like 127.0.0.1, or 0.0.0.0 for all of them") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old connections linger
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use: stop what is serving there, or pick another "
+                            "port with -p") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): give a --host address of this machine, "
+                        "and a -p port you may use") from None
+    return sock
+
+
 def main(argv=None):
     p = Flags(description="Serve a nanochat model: web UI and OpenAI-compatible API.")
     p.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU")
@@ -603,8 +630,10 @@ def main(argv=None):
                                   ("--top-k", args.top_k, TOP_K_RANGE), ("--max-tokens", args.max_tokens, MAX_TOKENS_RANGE)):
         if not lo <= value <= hi:
             raise UserError(f"{flag}={value} is outside {lo}..{hi}, the range requests may ask for")
-    if args.max_queue < 0 or args.read_timeout <= 0:
-        raise UserError("--max-queue must be 0 or more and --read-timeout more than 0")
+    if args.max_queue < 0 or not (math.isfinite(args.read_timeout) and args.read_timeout > 0):
+        raise UserError("--max-queue must be 0 or more and --read-timeout a number of seconds more than 0")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"-p/--port={args.port} must be between 1 and 65535")
     import torch
     import uvicorn
 
@@ -616,8 +645,12 @@ def main(argv=None):
         if args.num_gpus > torch.cuda.device_count():
             raise UserError(f"--num-gpus={args.num_gpus} but only {torch.cuda.device_count()} GPUs are visible")
         devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
+    elif args.num_gpus > 1:
+        raise UserError(f"-n/--num-gpus={args.num_gpus} puts one replica on each GPU, and this server runs on "
+                        f"{device.type}, with one worker: leave -n out")
     else:
         devices = [device]  # one worker on CPU or MPS
+    sock = listening_socket(args.host, args.port)  # before the model loads: a taken port is one line at once
     workers = []
     for gpu_id, dev in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, dev, dtype, model_tag=args.model_tag, step=args.step)
@@ -634,8 +667,11 @@ def main(argv=None):
           flush=True)
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: no --api-key, so anyone who can reach port {args.port} can use the model", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                http=protocol_with_header_deadline(args.read_timeout))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", http=protocol_with_header_deadline(args.read_timeout)))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn once it has shut down (and reported)
+        pass
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ class ARC(Task):
     def __init__(self, subset, split, local=None, **kwargs):
         super().__init__(**kwargs)
         assert subset in ("ARC-Easy", "ARC-Challenge") and split in ("train", "validation", "test")
-        self.ds = load_hf_dataset("allenai/ai2_arc", subset, split, local).shuffle(seed=42)
+        self.ds = load_hf_dataset("allenai/ai2_arc", subset, split, local,
+                                  columns=("question", "choices", "answerKey")).shuffle(seed=42)
 
     def num_examples(self):
         return len(self.ds)

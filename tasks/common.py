@@ -106,11 +106,12 @@ def task_data_path(path, name, split):
     return os.path.join(get_base_dir(), "task_data", path.replace("/", "--"), name or "default", split)
 
 
-def load_hf_dataset(path, name=None, split="train", local=None):
+def load_hf_dataset(path, name=None, split="train", local=None, columns=()):
     """
     A datasets.Dataset from local files (.jsonl/.json/.parquet: a file or a folder of them) given as `local` or
     found at task_data_path(); otherwise from the hub, cached under $NANOCHAT_BASE_DIR/hf_datasets. Offline, the
-    cache still works; a dataset never fetched fails at once with a line saying where local files can go.
+    cache still works; a dataset never fetched fails at once with a line saying where local files can go. `columns`
+    are the fields the task reads: data without one of them is refused here, in one line, not deep in a task.
     """
     if local is None:
         candidate = task_data_path(path, name, split)
@@ -122,24 +123,36 @@ def load_hf_dataset(path, name=None, split="train", local=None):
     import huggingface_hub
     if offline:  # the libraries read those variables at import: tell them too, in case they were imported already
         datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failures become one UserError line below
     datasets.disable_progress_bars()
+    label = f"{path}{'/' + name if name else ''} ({split})"
     if local is not None:
         files = sorted(os.path.join(local, f) for f in os.listdir(local)) if os.path.isdir(local) else [local]
         files = [f for f in files if f.endswith((".jsonl", ".json", ".parquet"))]
         if not files:
             raise UserError(f"no .jsonl, .json or .parquet files at {local} for {path}")
         kind = "parquet" if files[0].endswith(".parquet") else "json"
-        return datasets.load_dataset(kind, data_files=files, split="train")
-    cache_dir = os.path.join(get_base_dir(), "hf_datasets")
-    try:
-        return datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
-    except Exception as e:
-        if offline:
-            raise UserError(f"cannot load {path}{'/' + name if name else ''} ({split}): {HUB_HOST} is unreachable and it "
-                            f"is not cached; connect once, or put the split's .jsonl/.parquet files in "
-                            f"{task_data_path(path, name, split)}/") from None
-        raise UserError(f"cannot load {path}{'/' + name if name else ''} ({split}): {type(e).__name__}: {e}") from None
+        where = f"the {label} files at {local}"
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        except Exception as e:
+            cause = e.__cause__ or e  # datasets wraps the parser's error, which says what is wrong
+            reason = f"{type(cause).__name__}: {cause}".splitlines()[0].rstrip(": ")
+            raise UserError(f"cannot read {where} ({reason}): fix or remove them") from None
+    else:
+        where = f"the {label} rows from the hub"
+        try:
+            ds = datasets.load_dataset(path, name, split=split, cache_dir=os.path.join(get_base_dir(), "hf_datasets"))
+        except Exception as e:
+            if offline:
+                raise UserError(f"cannot load {label}: {HUB_HOST} is unreachable and it is not cached; connect once, or "
+                                f"put the split's .jsonl/.parquet files in {task_data_path(path, name, split)}/") from None
+            raise UserError(f"cannot load {label}: {type(e).__name__}: {e}") from None
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{where} have no {missing[0]!r} field (each row needs {', '.join(columns)})"
+                        + (": fix or remove them" if local is not None else ""))
+    return ds
 
 
 # -----------------------------------------------------------------------------
@@ -147,14 +160,18 @@ def load_hf_dataset(path, name=None, split="train", local=None):
 
 def evaluate_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
                         max_problems=None, rank=0, world_size=1):
-    """pass@num_samples: a problem passes if any sample does. Returns (passed, total) on this rank."""
+    """
+    pass@num_samples: a problem passes if any sample does. Returns (passed, total) on this rank. Answers stop at
+    max_new_tokens or where the model's positions end (engine.answer_budget), whichever comes first.
+    """
+    from nanochat.engine import answer_budget
     passed = total = 0
     n = len(task) if max_problems is None else min(len(task), max_problems)
     for i in range(rank, n, world_size):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
-        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k, seed=i)
+        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, temperature=temperature, top_k=top_k,
+                                             max_tokens=answer_budget(engine.model, len(prompt), max_new_tokens), seed=i)
         completions = [tokenizer.decode(s[len(prompt):]) for s in sequences]
         passed += any(task.evaluate(conversation, c) for c in completions)
         total += 1

@@ -46,7 +46,7 @@ class GSM8K(GSM8KBase):
     def __init__(self, subset="main", split="train", local=None, **kwargs):
         super().__init__(**kwargs)
         assert subset in ("main", "socratic") and split in ("train", "test")
-        self.ds = load_hf_dataset("openai/gsm8k", subset, split, local).shuffle(seed=42)
+        self.ds = load_hf_dataset("openai/gsm8k", subset, split, local, columns=("question", "answer")).shuffle(seed=42)
 
     def num_examples(self):
         return len(self.ds)

@@ -12,7 +12,8 @@ class MMLU(Task):
         super().__init__(**kwargs)
         assert subset in ("all", "auxiliary_train"), subset
         assert split in (("train",) if subset == "auxiliary_train" else ("validation", "dev", "test")), split
-        self.ds = load_hf_dataset("cais/mmlu", subset, split, local).shuffle(seed=42)
+        columns = ("train",) if subset == "auxiliary_train" else ("question", "choices", "answer")
+        self.ds = load_hf_dataset("cais/mmlu", subset, split, local, columns).shuffle(seed=42)
 
     def num_examples(self):
         return len(self.ds)

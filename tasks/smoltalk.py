@@ -7,7 +7,7 @@ class SmolTalk(Task):
     def __init__(self, split="train", local=None, **kwargs):
         super().__init__(**kwargs)
         assert split in ("train", "test")
-        self.ds = load_hf_dataset("HuggingFaceTB/smol-smoltalk", None, split, local).shuffle(seed=42)
+        self.ds = load_hf_dataset("HuggingFaceTB/smol-smoltalk", None, split, local, columns=("messages",)).shuffle(seed=42)
 
     def num_examples(self):
         return len(self.ds)

@@ -4,6 +4,7 @@ reading the checkpoint the previous one wrote."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,14 +80,20 @@ def test_a_fully_masked_micro_batch_gives_zero_loss_not_nan():
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--max-seq-len=0", "--max-seq-len must be at least 1 (leave it out to inherit the source's)"),
-    ("--total-batch-size=-512", "--total-batch-size must be at least 1"),
-    ("--num-iterations=0", "--num-iterations must be at least 1, or -1 for one epoch of the mixture"),
-    ("--matrix-lr=nan", "--matrix-lr must be a number >= 0"),
+    ("--max-seq-len=0", "--max-seq-len=0 must be at least 1"),
+    ("--total-batch-size=-512", "--total-batch-size=-512 must be at least 1"),
+    ("--matrix-lr=nan", "--matrix-lr=nan must be a number >= 0"),
     ("--model-tag-out=a/b", "--model-tag-out='a/b' must be a plain folder name"),
 ])
-def test_finetuning_flags_are_checked_before_any_work(flag, message, capsys):
+def test_finetuning_flags_are_checked_before_any_work(flag, message):
+    from nanochat.common import UserError
+    from scripts.chat_sft import parse_args
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args([flag], "sft")
+
+
+def test_finetuning_needs_a_step(capsys):
     from scripts.chat_sft import parse_args
     with pytest.raises(SystemExit):
-        parse_args([flag], "sft")
-    assert message in capsys.readouterr().err
+        parse_args(["--num-iterations=0"], "sft")
+    assert "--num-iterations must be at least 1, or -1 for one epoch of the mixture" in capsys.readouterr().err

@@ -33,13 +33,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def make_chat_model_dir(root, tokenizer):
-    """A tiny model that never ends its answers (the stop tokens' logits are pinned at 0): streams stay open."""
-    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+def make_chat_model_dir(root, tokenizer, folder="base_checkpoints", sequence_len=1024):
+    """A tiny model that never ends its answers (the stop tokens' logits are pinned at 0): streams stay open, and
+    greedy answers run as long as they may (its rotary tables end at 10 x sequence_len)."""
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len)
     with torch.no_grad():
         for name in ("<|assistant_end|>", "<|bos|>"):
             model.lm_head.weight[tokenizer.encode_special(name)] = 0
-    checkpoint_dir = root / "base_checkpoints" / "d4"
+    checkpoint_dir = root / folder / "d4"
     cm.save_checkpoint(str(checkpoint_dir), 1, model.state_dict(), None)
     cm.save_meta(str(checkpoint_dir), 1, {"step": 1, "model_config": dataclasses.asdict(model.config)})
     tokenizer.save(str(root / "tokenizer"))
@@ -183,6 +184,15 @@ def test_limits_answer_400_naming_the_field(server, body, field):
         status, text = post(server + path, body)
         error = json.loads(text)["error"]
         assert status == 400 and error["param"] == field, (path, text)
+
+
+def test_messages_for_a_conversation_with_no_question_and_a_nan_temperature(server):
+    status, text = post(server + "/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."}]})
+    assert status == 400 and json.loads(text)["error"]["message"] == ("messages: the conversation needs a user message "
+                                                                      "to answer, last (or before a final assistant message)")
+    status, text = post(server + "/v1/chat/completions", None, raw=b'{"messages": [{"role": "user", "content": "hi"}], '
+                                                                   b'"temperature": NaN}')
+    assert status == 400 and json.loads(text)["error"]["message"] == "temperature: Input should be a finite number"
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b'{"messages": "hello"}', b'{"messages": [{"role": "user"}]}',

@@ -123,3 +123,16 @@ def test_user_error_exits_with_one_line(capsys):
         common.run_cli(main)
     assert e.value.code == 1
     assert capsys.readouterr().err == "error: no tokenizer: run python -m scripts.tok_train first\n"
+
+
+def test_flag_minimums_and_folder_names():
+    import argparse
+    args = argparse.Namespace(batch_size=0, temperature=float("nan"), top_k=None, lr=0.5)
+    common.check_minimums(args, {"--top-k": 0, "--lr": 0})  # None: left out, a default comes later
+    with pytest.raises(UserError, match=r"^-b/--batch-size=0 must be at least 1$"):
+        common.check_minimums(args, {"-b/--batch-size": 1})
+    with pytest.raises(UserError, match=r"^--temperature=nan must be a number >= 0$"):
+        common.check_minimums(args, {"--temperature": 0})
+    common.check_folder_name("--model-tag", "d20.v2_x-1")
+    with pytest.raises(UserError, match=r"^--model-tag='runs/a' must be a plain folder name"):
+        common.check_folder_name("--model-tag", "runs/a")

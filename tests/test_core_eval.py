@@ -104,14 +104,18 @@ def test_scoring_spans():
     assert core_eval.scoring_spans("language_modeling", [[1, 2], [1, 2, 3, 4]]) == [(2, 4)]
 
 
-def test_bundle_is_unpacked_once_from_a_local_zip(base_dir, tmp_path):
-    bundle = write_bundle(str(tmp_path / "eval_bundle"))
-    base_dir.mkdir(parents=True)
-    with zipfile.ZipFile(base_dir / "eval_bundle.zip", "w") as z:
+def zip_bundle(bundle, archive):
+    """The bundle folder zipped as the real archive holds it: one top-level eval_bundle/ folder."""
+    with zipfile.ZipFile(archive, "w") as z:
         for folder, _, files in os.walk(bundle):
             for name in files:
                 path = os.path.join(folder, name)
-                z.write(path, os.path.relpath(path, tmp_path))
+                z.write(path, os.path.relpath(path, os.path.dirname(bundle)))
+
+
+def test_bundle_is_unpacked_once_from_a_local_zip(base_dir, tmp_path):
+    base_dir.mkdir(parents=True)
+    zip_bundle(write_bundle(str(tmp_path / "eval_bundle")), base_dir / "eval_bundle.zip")
     path = core_eval.get_eval_bundle()
     assert path == str(base_dir / "eval_bundle") and len(core_eval.load_tasks(path)) == 3
     assert core_eval.get_eval_bundle() == path  # second call: already there
@@ -121,3 +125,20 @@ def test_offline_without_bundle_is_one_clear_error(base_dir):
     base_dir.mkdir(parents=True, exist_ok=True)
     with pytest.raises(UserError, match="cannot reach karpathy-public.*place eval_bundle.zip"):
         core_eval.get_eval_bundle()
+
+
+def test_a_zip_that_is_not_the_bundle_says_to_delete_it_and_leaves_nothing_half_made(base_dir, tmp_path):
+    base_dir.mkdir(parents=True)
+    archive = base_dir / "eval_bundle.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("eval_bundle/readme.txt", "not the bundle")
+    for _ in range(2):  # the second run says the same, rather than tripping over the first's leftovers
+        with pytest.raises(UserError, match=f"{archive} is not the CORE eval bundle \\(no core.yaml inside\\): delete it"):
+            core_eval.get_eval_bundle()
+        assert sorted(os.listdir(base_dir)) == ["eval_bundle.lock", "eval_bundle.zip"]
+    os.makedirs(base_dir / "eval_bundle" / "eval_data")  # a half-made bundle an older run left behind
+    zip_bundle(write_bundle(str(tmp_path / "eval_bundle")), archive)
+    assert len(core_eval.load_tasks(core_eval.get_eval_bundle())) == 3
+    os.remove(base_dir / "eval_bundle" / "eval_data" / "mini" / "lm_task.jsonl")
+    with pytest.raises(UserError, match="eval bundle at .* is damaged \\(FileNotFoundError.*lm_task.jsonl.*\\): delete it"):
+        core_eval.load_tasks(core_eval.get_eval_bundle())

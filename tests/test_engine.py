@@ -3,7 +3,7 @@ import threading
 import pytest
 import torch
 
-from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
+from nanochat.engine import Engine, KVCache, answer_budget, sample_next_token, use_calculator
 from test_gpt import tiny_model
 
 
@@ -21,6 +21,16 @@ def test_greedy_engine_equals_naive_generation(model_and_tokenizer):
     # several greedy samples are all the same sequence
     sequences, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=3, max_tokens=20, temperature=0)
     assert sequences[0] == sequences[1] == sequences[2]
+
+
+def test_answers_end_where_the_rotary_table_does(tokenizer):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=8).eval()  # 80 positions
+    engine, prompt = Engine(model, tokenizer), tokenizer.encode("the river", prepend=tokenizer.get_bos_token_id())
+    with pytest.raises(ValueError, match=f"{len(prompt)} prompt tokens \\+ max_tokens=1000 run past the model's 80 "
+                                         "positions: cut max_tokens with answer_budget"):
+        next(engine.generate(prompt, max_tokens=1000))
+    budget = answer_budget(model, len(prompt), 1000)
+    assert budget == 80 - len(prompt) and len(list(engine.generate(prompt, max_tokens=budget, temperature=0))) <= budget
 
 
 def test_sampling_is_seeded_and_first_tokens_differ(model_and_tokenizer):
@@ -60,6 +70,7 @@ class ScriptedModel(torch.nn.Module):
         self.script, self.vocab_size = script, vocab_size
         self.config = type("Config", (), {"sequence_len": 256, "n_kv_head": 1, "n_embd": 4, "n_head": 1, "n_layer": 1})()
         self.compute_dtype = torch.float32
+        self.cos = torch.zeros(1, 10 * 256, 1, 1)  # a rotary table's length: all the Engine reads of it
         self.seen = []  # the token columns the engine fed back
 
     def get_device(self):

@@ -1,15 +1,17 @@
 import json
+import pathlib
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from nanochat.common import UserError
-from nanochat.engine import use_calculator
+from nanochat.engine import Engine, use_calculator
 from tasks import common
 from tasks.arc import ARC
-from tasks.common import Task, TaskMixture, TaskSequence, render_mc, task_data_path
+from tasks.common import Task, TaskMixture, TaskSequence, evaluate_generative, render_mc, task_data_path
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, SyntheticMath, extract_answer, solution_parts
 from tasks.humaneval import HumanEval
@@ -17,6 +19,7 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from scripts.chat_sft import IDENTITY
+from test_gpt import tiny_model
 
 
 class Numbers(Task):
@@ -125,3 +128,54 @@ def test_offline_hub_dataset_fails_fast_and_says_where_files_go(monkeypatch, bas
     with pytest.raises(UserError, match=r"cannot load allenai/ai2_arc/ARC-Challenge \(test\).*task_data/allenai--ai2_arc/ARC-Challenge/test/"):
         ARC("ARC-Challenge", "test")
     assert time.time() - t0 < 10
+
+
+@pytest.mark.parametrize("hub, make, line, message", [
+    (("allenai/ai2_arc", "ARC-Easy", "test"), lambda: ARC("ARC-Easy", "test"), "garbage{",
+     r"cannot read the allenai/ai2_arc/ARC-Easy \(test\) files at \S+/ARC-Easy/test\.jsonl \(ArrowInvalid: JSON parse error"),
+    (("allenai/ai2_arc", "ARC-Easy", "test"), lambda: ARC("ARC-Easy", "test"), '{"question": "q"}',
+     r"the allenai/ai2_arc/ARC-Easy \(test\) files at \S+/ARC-Easy/test\.jsonl have no 'choices' field \(each row needs "
+     r"question, choices, answerKey\): fix or remove them"),
+    (("cais/mmlu", "all", "test"), lambda: MMLU("all", "test"), '{"question": "q", "choices": ["a"]}', "no 'answer' field"),
+    (("cais/mmlu", "auxiliary_train", "train"), lambda: MMLU("auxiliary_train", "train"), '{"answer": 0}', "no 'train' field"),
+    (("openai/gsm8k", "main", "test"), lambda: GSM8K("main", "test"), '{"question": "q"}', "no 'answer' field"),
+    (("HuggingFaceTB/smol-smoltalk", None, "test"), lambda: SmolTalk("test"), '{"conversation": []}', "no 'messages' field"),
+])
+def test_damaged_local_task_data_is_one_line(base_dir, hub, make, line, message):
+    path = pathlib.Path(task_data_path(*hub) + ".jsonl")
+    path.parent.mkdir(parents=True)
+    path.write_text(line + "\n")
+    with pytest.raises(UserError, match=message):
+        make()
+
+
+class Recorded(Task):
+    """One question; keeps the completions it is asked to grade."""
+
+    def __init__(self):
+        super().__init__()
+        self.completions = []
+
+    def num_examples(self):
+        return 1
+
+    def get_example(self, index):
+        return {"messages": [{"role": "user", "content": "the river and the garden"}, {"role": "assistant", "content": "x"}]}
+
+    def evaluate(self, conversation, completion):
+        self.completions.append(completion)
+        return 0
+
+
+def test_generative_eval_answers_stop_where_the_rotary_table_ends(tokenizer):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=8).eval()  # rotary tables: 80 positions
+    stops = torch.tensor([tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()])
+    positions = []  # tokens fed to the model per forward: the prompt, then one per step
+
+    def never_ends(module, inputs, logits):
+        positions.append(inputs[0].size(1))
+        return logits.index_fill(-1, stops, float("-inf"))
+    model.register_forward_hook(never_ends)
+    task = Recorded()
+    assert evaluate_generative(task, tokenizer, Engine(model, tokenizer), max_new_tokens=512) == (0, 1)
+    assert sum(positions) == 80 and task.completions[0]  # the answer ran to the table's last position
