@@ -101,13 +101,15 @@ def bwrap_command(bwrap, info_fd, tmp_bytes, as_root):
         command += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         command += ["--unshare-user", "--disable-userns"]
+    # the private /tmp first: Python binds that come after stay visible even when Python lives under /tmp (a venv in
+    # a checkout there), where a later tmpfs would hide them
+    command += ["--proc", "/proc", "--dev", "/dev", "--perms", "0777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
     for path in SYSTEM_DIRS:
         command += ["--ro-bind-try", path, path]
     for path in sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}):
         # --dir first: bwrap would make the missing parents (/root, ...) 0700, which the throwaway uid cannot enter
         command += ["--dir", path, "--ro-bind", path, path]
-    return command + ["--proc", "/proc", "--dev", "/dev", "--perms", "0777", "--size", str(tmp_bytes),
-                      "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--"]
+    return command + ["--remount-ro", "/", "--chdir", "/tmp", "--"]
 
 
 def _read(f, limit):
