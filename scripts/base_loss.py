@@ -33,7 +33,7 @@ def main(argv=None):
     T = model.config.sequence_len
     tokens_per_step = args.device_batch_size * T * world_size
     steps = max(1, args.split_tokens // tokens_per_step)
-    token_bytes = get_token_bytes(device)
+    token_bytes = get_token_bytes(device, tokenizer.get_vocab_size())
     bpb, evaluated = {}, {}
     for split in ("train", "val"):  # at most one pass over each split, however small
         loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, T, split, device=device, epochs=1)

@@ -97,7 +97,7 @@ def main(argv=None):
     master = rank == 0
     dtype, _ = get_compute_dtype(device.type)
     tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device)
+    token_bytes = get_token_bytes(device, tokenizer.get_vocab_size())
     core_bundle = None
     if args.core_metric_every > 0:  # fetched now, not after hours of training
         from nanochat.core_eval import get_eval_bundle

@@ -156,7 +156,7 @@ def main(argv=None, stage="sft"):
         raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
     print0(f"mixture: {len(train_ds):,} training conversations, {len(val_ds):,} validation")
     train_loader = conversation_batches(tokenizer, train_ds, B, T, device, rank, world_size)
-    token_bytes = get_token_bytes(device)
+    token_bytes = get_token_bytes(device, tokenizer.get_vocab_size())
     wandb_run = init_wandb(args.run, STAGES[stage][2], vars(args), master)
 
     def chatcore_eval():
