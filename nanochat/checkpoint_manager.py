@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, get_base_dir, get_compute_dtype
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -111,6 +111,14 @@ def check_tokenizer(meta, tokenizer, checkpoint_dir):
                         f"{vocab_size}: the tokenizer was retrained since; restore it or retrain the model")
 
 
+def our_keys(model_state):
+    """State dict keys as this code names them: without torch.compile's '_orig_mod.' prefix, and with the reference's
+    'attn.' (karpathy/nanochat names its blocks' attention so) as 'mixer.', the seam every sequence mixer sits in.
+    So a model trained by the reference loads and chats here."""
+    return {re.sub(r"^(transformer\.h\.\d+\.)attn\.", r"\1mixer.", k.removeprefix("_orig_mod.")): v
+            for k, v in model_state.items()}
+
+
 def build_model(checkpoint_dir, step, device, compute_dtype, phase="eval"):
     """A GPT with the checkpoint's weights; phase 'train' or 'eval' sets the module mode."""
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
@@ -120,8 +128,7 @@ def build_model(checkpoint_dir, step, device, compute_dtype, phase="eval"):
             model = GPT(config, compute_dtype=compute_dtype)
         model.to_empty(device=device)
         model.init_weights()  # buffers (rotary tables) and the embedding dtypes; the weights are overwritten next
-        model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
-        model.load_state_dict(model_state, strict=True, assign=True)
+        model.load_state_dict(our_keys(model_state), strict=True, assign=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a meta or state dict from some other model
         reason = " ".join(str(e).split())[:240] or type(e).__name__
         raise UserError(f"{checkpoint_dir} step {step} does not describe a model this code can build ({reason}): "
@@ -159,9 +166,12 @@ def find_checkpoint(source, model_tag=None, step=None):
     return checkpoint_dir, step
 
 
-def load_model(source, device, compute_dtype, phase="eval", model_tag=None, step=None):
-    """Load a model and its tokenizer from base|mid|sft|rl checkpoints. Returns (model, tokenizer, meta)."""
+def load_model(source, device, compute_dtype=None, phase="eval", model_tag=None, step=None):
+    """Load a model and its tokenizer from base|mid|sft|rl checkpoints. Returns (model, tokenizer, meta).
+    compute_dtype: by default the one get_compute_dtype chooses for the device."""
     from nanochat.tokenizer import get_tokenizer
+    if compute_dtype is None:
+        compute_dtype = get_compute_dtype(torch.device(device).type)[0]
     checkpoint_dir, step = find_checkpoint(source, model_tag, step)
     model, meta = build_model(checkpoint_dir, step, device, compute_dtype, phase)
     tokenizer = get_tokenizer()

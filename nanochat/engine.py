@@ -34,10 +34,6 @@ class KVCache:
         c = model.config
         return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, model.get_device(), model.compute_dtype)
 
-    def reset(self):
-        self.pos = 0
-        self.prev_embedding = None
-
     def insert(self, layer, k, v):
         """Store this step's (B, H_kv, T, D) keys and values; return everything cached so far for the layer."""
         end = self.pos + k.size(2)

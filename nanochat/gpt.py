@@ -379,17 +379,6 @@ class GPT(nn.Module):
         T = self.config.sequence_len
         return 6 * self.num_matmul_params() + sum(12 * hd * w for hd, w in self._attention_terms(T))
 
-    def estimate_decode_flops(self, context):
-        """FLOPs to decode one token with `context` tokens already in the KV cache."""
-        return 2 * self.num_matmul_params() + sum(4 * hd * w for hd, w in self._attention_terms(context))
-
-    def estimate_prefill_flops(self, n):
-        """FLOPs to prefill an n-token prompt (the attention term counts the keys inside each window)."""
-        attn = 0
-        for hd, w in self._attention_terms(n):
-            attn += 4 * hd * (w * (w + 1) // 2 + (n - w) * w)
-        return 2 * self.num_matmul_params() * n + attn
-
     # -------------------------------------------------------------------------
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
@@ -417,19 +406,15 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive batch-1 sampling without a KV cache: a reference for the Engine, and for quick samples."""
+        """Naive batch-1 sampling without a KV cache: a reference for the Engine, and for quick samples. It samples
+        as the Engine does (top_k 0 or None = the whole vocabulary), so the same seed gives the same tokens."""
+        from nanochat.engine import sample_next_token  # one sampler for both
         device = self.get_device()
-        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        rng = torch.Generator(device=device).manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids[:, -self.config.sequence_len:])[:, -1, :]
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            next_id = sample_next_token(logits, rng, temperature, top_k)
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()
 

@@ -66,7 +66,7 @@ def muon_update(p, g, momentum_buffer, second_moment, lr, momentum, beta2, weigh
     second_moment.lerp_(update.square().mean(dim=-1 if m >= n else -2, keepdim=True), 1 - beta2)
     update = update * second_moment.clamp_min(1e-10).rsqrt()
     update = update * (norm_before / (update.norm(dim=(-2, -1), keepdim=True) + 1e-10))
-    lr = lr * max(1, m / n) ** 0.5  # wide-output matrices (c_fc) step larger
+    lr = lr * max(1, m / n) ** 0.5  # tall matrices (more rows than columns: c_fc) step larger
     # cautious weight decay: decay only where the update pushes the same way
     mask = (update * p) >= 0
     p.sub_(lr * update + lr * weight_decay * p * mask)

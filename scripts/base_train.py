@@ -208,7 +208,7 @@ def main(argv=None):
     # --- the loop: runs num_iterations + 1 times, so the last pass evaluates and saves ---
     loop = resume[1]["loop_state"] if resume else {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0,
                                                    "total_training_time": 0.0}
-    step = args.resume_from_step if resume else 0
+    step = first_step = args.resume_from_step if resume else 0
     wandb_run = init_wandb(args.run, "nanochat", vars(args), master)
     peak_flops = get_peak_flops(device)
     val_bpb, val_tokens, core_metric, mfu, tok_per_sec, smooth_loss = None, None, None, None, None, None
@@ -310,7 +310,8 @@ def main(argv=None):
             wandb_run.log({"step": step, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt,
                            "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": next_state["epoch"]})
         # Python's GC costs ~500 ms pauses once the heap is big: collect once, freeze what exists, then run it rarely
-        if step == 1:
+        # (after this run's first step: a resumed run starts past step 1)
+        if step == first_step + 1:
             gc.collect()
             gc.freeze()
             gc.disable()

@@ -53,7 +53,7 @@ class SpellingBee(Task):
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
         assert split in ("train", "test")
-        self.size, self.seed = size, 0 if split == "train" else 10_000_000  # test words differ from train draws
+        self.size, self.seed = size, 0 if split == "train" else 10_000_000  # other draws than train's, from the same words
 
     def num_examples(self):
         return self.size

@@ -52,7 +52,7 @@ def step_lines(proc):
     return [" | ".join(line.split(" | ")[:3]) for line in proc.stdout.splitlines() if line.startswith("step ") and "/" in line]
 
 
-def test_train_resume_and_evaluate(workspace, tokenizer):
+def test_train_resume_and_evaluate(workspace, tokenizer, monkeypatch):
     # --eval-tokens far beyond the val split: evaluation stops after one pass over it
     full = run("scripts.base_train", *TINY, "--num-iterations=8", "--save-every=4", "--eval-every=4", "--eval-tokens=10000000")
     out = result(full)
@@ -83,6 +83,12 @@ def test_train_resume_and_evaluate(workspace, tokenizer):
     with pytest.raises(UserError, match=r"--resume-from-step=8 is already at or past this run's last step \(8\): "
                                         r"ask for more steps with --num-iterations"):
         base_train.main([*TINY, "--num-iterations=8", "--resume-from-step=8"])
+    # a resumed run freezes the GC after its own first step too (the reference's tested step == 1 only)
+    import gc
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    base_train.main([*TINY, "--num-iterations=6", "--resume-from-step=4", "--eval-every=-1", "--model-tag=d2"])
+    assert frozen == [True]
 
     loss = result(run("scripts.base_loss", "--device-batch-size=4", "--split-tokens=1024", "--num-samples=2"))
     assert loss["step"] == 8 and 0 < loss["val_bpb"] < 20 and 0 < loss["train_bpb"] < 20

@@ -113,6 +113,27 @@ def test_a_retrained_tokenizer_of_the_same_size_is_refused(base_dir, tokenizer):
         cm.load_model("base", "cpu", torch.float32)
 
 
+def test_a_checkpoint_in_the_references_layout_loads(base_dir, tokenizer, monkeypatch):
+    """karpathy/nanochat names attention 'attn.' (ours: 'mixer.'), saves compiled models' keys with '_orig_mod.' and
+    has no mixer_pattern in its config: its models load, with the same logits, and chat here."""
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size()).eval()
+    state = {"_orig_mod." + k.replace(".mixer.", ".attn."): v for k, v in model.state_dict().items()}
+    assert any(".attn.c_q." in k for k in state)
+    config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "mixer_pattern"}
+    checkpoint_dir = base_dir / "chatsft_checkpoints" / "d4"
+    cm.save_checkpoint(str(checkpoint_dir), 1, state, None)
+    cm.save_meta(str(checkpoint_dir), 1, {"step": 1, "model_config": config})
+    tokenizer.save(str(base_dir / "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    from nanochat.common import get_compute_dtype
+    get_compute_dtype.cache_clear()
+    loaded, _, _ = cm.load_model("sft", "cpu")  # the dtype defaults to the chosen one, as in the reference
+    get_compute_dtype.cache_clear()
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 24))
+    with torch.no_grad():
+        assert loaded.compute_dtype == torch.float32 and torch.equal(loaded(idx), model(idx))
+
+
 def test_a_foreign_state_dict_is_one_clear_line(base_dir, tokenizer):
     model = tiny_model(vocab_size=tokenizer.get_vocab_size())
     checkpoint_dir = base_dir / "base_checkpoints" / "d4"

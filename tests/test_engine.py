@@ -23,6 +23,18 @@ def test_greedy_engine_equals_naive_generation(model_and_tokenizer):
     assert sequences[0] == sequences[1] == sequences[2]
 
 
+@pytest.mark.parametrize("top_k", [None, 0, 5])
+def test_sampled_engine_equals_naive_generation_with_the_same_seed(model_and_tokenizer, top_k):
+    """One sampler for both (top_k 0 means the whole vocabulary, as in the reference, not an error)."""
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("the river", prepend=tokenizer.get_bos_token_id())
+    naive = list(model.generate(prompt, 30, temperature=1.0, top_k=top_k, seed=7))
+    engine = [column[0] for column, _ in Engine(model, tokenizer).generate(prompt, max_tokens=30, temperature=1.0,
+                                                                           top_k=top_k, seed=7)]
+    assert engine == naive[:len(engine)] and len(engine) >= 1
+    assert list(model.generate(prompt, 5, temperature=1e-38)) == list(model.generate(prompt, 5, temperature=0))
+
+
 def test_answers_end_where_the_rotary_table_does(tokenizer):
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=8).eval()  # 80 positions
     engine, prompt = Engine(model, tokenizer), tokenizer.encode("the river", prepend=tokenizer.get_bos_token_id())
