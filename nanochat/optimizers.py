@@ -179,6 +179,31 @@ class MuonAdamW(torch.optim.Optimizer):
                 torch._foreach_copy_(list(params), list(stacked[:len(params)]))
 
 
+class LossScaler:
+    """
+    fp16 needs its loss scaled so that small gradients do not underflow (torch's GradScaler); bf16 and fp32 need
+    nothing. The same two calls either way, in every training stage. Under torchrun every rank skips a step together
+    when any of them saw an inf, so the ranks' weights never drift apart.
+    """
+
+    def __init__(self, compute_dtype, device_type):
+        self.scaler = torch.amp.GradScaler(device_type) if compute_dtype == torch.float16 else None
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer):
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.unscale_(optimizer)
+        if dist.is_available() and dist.is_initialized():
+            for found_inf in self.scaler._found_inf_per_device(optimizer).values():
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
 # -----------------------------------------------------------------------------
 # Schedules (base training; the chat stages use lr_multiplier with their own settings)
 

@@ -90,7 +90,7 @@ def main(argv=None):
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8
     from nanochat.loss_eval import evaluate_bpb, greedy_samples
-    from nanochat.optimizers import lr_multiplier, muon_momentum, weight_decay_schedule
+    from nanochat.optimizers import LossScaler, lr_multiplier, muon_momentum, weight_decay_schedule
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -187,7 +187,7 @@ def main(argv=None):
                                       scalar_lr=args.scalar_lr * lr_scale)
     if resume is not None:
         optimizer.load_state_dict(resume[0])
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = LossScaler(dtype, device.type)
 
     orig_model = model  # uncompiled: saving, evaluation and sampling, where shapes vary
     use_compile = args.compile == "1" or (args.compile == "auto" and (device.type == "cuda" or
@@ -269,7 +269,7 @@ def main(argv=None):
             loss = model(x, y)
             train_loss = loss.detach()
             loss = loss / grad_accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
+            scaler.backward(loss)
             loader_state = next_state
             x, y, next_state = next(train_loader)  # prefetch while the GPU works
         lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
@@ -278,15 +278,7 @@ def main(argv=None):
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step, num_iterations, args.warmdown_ratio)
                 group["weight_decay"] = weight_decay_schedule(step, num_iterations, weight_decay)
-        if scaler:
-            scaler.unscale_(optimizer)
-            if ddp:  # every rank must agree to skip the step
-                for found_inf in scaler._found_inf_per_device(optimizer).values():
-                    dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
         model.zero_grad(set_to_none=True)
         train_loss_f = train_loss.item()  # syncs with the device
         dt = time.time() - t0

@@ -56,6 +56,7 @@ def main(argv=None):
 
     from nanochat.checkpoint_manager import find_checkpoint, load_model, save_checkpoint, save_meta
     from nanochat.engine import Engine, answer_budget
+    from nanochat.optimizers import LossScaler
     from tasks.gsm8k import GSM8K, SyntheticMath
 
     ddp, rank, _, world_size, device = compute_init(args.device_type)
@@ -86,6 +87,7 @@ def main(argv=None):
     for g in optimizer.param_groups:
         g["initial_lr"] *= args.init_lr_frac
         g["lr"] = g["initial_lr"]
+    scaler = LossScaler(dtype, device.type)  # fp16 (NANOCHAT_DTYPE=float16, pre-Ampere GPUs) scales its loss
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     wandb_run = init_wandb(args.run, "nanochat-rl", vars(args), master)
 
@@ -164,11 +166,11 @@ def main(argv=None):
                 valid = (targets >= 0).float()
                 adv = advantages[k * args.device_batch_size:(k + 1) * args.device_batch_size].unsqueeze(1)
                 objective = (logp * adv * valid).sum() / (valid.sum().clamp(min=1) * passes * examples_per_rank)
-                (-objective).backward()
+                scaler.backward(-objective)
         lrm = 1.0 - step / num_steps
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lrm
-        optimizer.step()
+        scaler.step(optimizer)
         model.zero_grad(set_to_none=True)
         stats = torch.tensor(rewards_seen, device=device).mean()
         if ddp:

@@ -95,7 +95,7 @@ def main(argv=None, stage="sft"):
                                              save_checkpoint, save_meta)
     from nanochat.dataloader import conversation_batches
     from nanochat.loss_eval import evaluate_bpb
-    from nanochat.optimizers import progress_lr_multiplier
+    from nanochat.optimizers import LossScaler, progress_lr_multiplier
     from nanochat.tokenizer import get_token_bytes
 
     ddp, rank, _, world_size, device = compute_init(args.device_type)
@@ -143,6 +143,7 @@ def main(argv=None, stage="sft"):
     for g in optimizer.param_groups:
         g["initial_lr"] *= args.init_lr_frac
         g["lr"] = g["initial_lr"]
+    scaler = LossScaler(dtype, device.type)  # fp16 (NANOCHAT_DTYPE=float16, pre-Ampere GPUs) scales its loss
     step_model = torch.compile(model, dynamic=False) if device.type == "cuda" else model
 
     if args.data == "offline" and args.chatcore_every > 0:
@@ -216,14 +217,14 @@ def main(argv=None, stage="sft"):
         for _ in range(grad_accum_steps):
             loss = step_model(x, y)
             train_loss = loss.detach()
-            (loss / grad_accum_steps).backward()
+            scaler.backward(loss / grad_accum_steps)
             x, y, info = next(train_loader)
         lrm = progress_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = 0.85 + 0.10 * min(step / 300, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
         model.zero_grad(set_to_none=True)
         loss_value = train_loss.item()
         dt = time.time() - t0

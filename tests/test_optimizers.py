@@ -78,3 +78,28 @@ def test_two_gloo_processes_equal_one_with_gradient_accumulation(tmp_path):
     assert "muon matrices owned 13, lm_head adam rows 320" in single.stdout
     assert "rank 0: muon matrices owned 7, lm_head adam rows 160" in double.stdout
     assert "rank 1: muon matrices owned 7, lm_head adam rows 160" in double.stdout
+
+
+def test_fp16_training_scales_its_loss_and_skips_overflowing_steps():
+    """The scaler base_train, SFT/mid and RL share: fp16 trains through GradScaler (a step with an inf gradient is
+    skipped and the scale halves); other dtypes step plainly."""
+    from nanochat.gpt import GPT
+    from nanochat.optimizers import LossScaler
+    from test_gpt import tiny_model
+    base = tiny_model(vocab_size=300)
+    model = GPT(base.config, compute_dtype=torch.float16)
+    model.load_state_dict(base.state_dict())
+    model.cast_embeddings()
+    optimizer, scaler = model.setup_optimizer(), LossScaler(torch.float16, "cpu")
+    assert scaler.scaler is not None and LossScaler(torch.bfloat16, "cpu").scaler is None
+    x = torch.randint(0, 300, (2, 16))
+    before = model.lm_head.weight.detach().clone()
+    scaler.backward(model(x, x))
+    scaler.step(optimizer)
+    assert not torch.equal(model.lm_head.weight, before) and torch.isfinite(model.lm_head.weight).all()
+    model.zero_grad(set_to_none=True)
+    scale, before = scaler.scaler.get_scale(), model.lm_head.weight.detach().clone()
+    scaler.backward(model(x, x))
+    model.lm_head.weight.grad[0, 0] = float("inf")  # an overflow
+    scaler.step(optimizer)
+    assert torch.equal(model.lm_head.weight, before) and scaler.scaler.get_scale() == scale / 2
