@@ -120,10 +120,15 @@ def evaluate_example(model, tokenizer, kind, item, fewshot, delim, device):
     spans = scoring_spans(kind, tokens)
     if kind == "language_modeling":
         tokens = tokens[1:]  # score the full prompt only
-    max_len = model.config.sequence_len
+    # as in the reference, prompts are cropped only where the rotary table ends (10x the training context), from
+    # the left, and never into the span that is scored
+    max_len = model.cos.size(1)
     rows = []
     for t, (start, end) in zip(tokens, spans):
-        crop = max(0, len(t) - max_len)  # too long: drop tokens from the left
+        crop = max(0, len(t) - max_len)
+        if start - crop < 1:
+            raise ValueError(f"a CORE example of {len(t)} tokens does not fit the model's {max_len} positions "
+                             "with its scored tokens whole")
         rows.append((t[crop:], start - crop, end - crop))
     width = max(len(t) for t, _, _ in rows)
     bos = tokenizer.get_bos_token_id()

@@ -43,9 +43,10 @@ def write_bundle(root, num_fewshot=0):
 class Oracle(torch.nn.Module):
     """Knows the correct prompts of some examples by heart (next token for every prefix); uniform elsewhere."""
 
-    def __init__(self, vocab_size, sequences):
+    def __init__(self, vocab_size, sequences, sequence_len=512, positions=5120):
         super().__init__()
-        self.config = type("Config", (), {"sequence_len": 512})()
+        self.config = type("Config", (), {"sequence_len": sequence_len})()
+        self.cos = torch.empty(1, positions)  # a GPT's rotary table: as many positions as the model can read
         self.vocab_size = vocab_size
         self.memory = {}
         for seq in sequences:
@@ -84,6 +85,19 @@ def test_core_on_a_miniature_bundle_with_known_answers(tmp_path, tokenizer):
     # max_per_task keeps the first examples of a fixed shuffle: 2 per task, so accuracies are halves
     truncated = core_eval.evaluate_core(model, tokenizer, "cpu", max_per_task=2, bundle=bundle)["results"]
     assert all(accuracy in (0.0, 0.5, 1.0) for accuracy in truncated.values())
+
+
+def test_prompts_longer_than_the_training_context_are_scored_whole(tokenizer):
+    """The reference never crops a nanochat model's CORE prompts (its rotary table covers 10x the context), and never
+    crops into the scored span."""
+    item = MC[1]
+    prompt = tokenizer.encode(correct_prompt("multiple_choice", item), prepend=tokenizer.get_bos_token_id())
+    assert len(prompt) > 8
+    model = Oracle(tokenizer.get_vocab_size(), [prompt], sequence_len=8, positions=80)  # trained at 8 tokens
+    assert core_eval.evaluate_example(model, tokenizer, "multiple_choice", item, [], " ", "cpu")
+    model = Oracle(tokenizer.get_vocab_size(), [prompt], sequence_len=1, positions=3)
+    with pytest.raises(ValueError, match="does not fit the model's 3 positions with its scored tokens whole"):
+        core_eval.evaluate_example(model, tokenizer, "multiple_choice", item, [], " ", "cpu")
 
 
 def test_prompts_render_like_the_reference_templates():
