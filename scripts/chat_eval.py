@@ -10,34 +10,13 @@ when all six ran. SyntheticMath (offline GSM8K-style problems) is available too,
 
 from nanochat.common import (Flags, UserError, check_minimums, compute_cleanup, compute_init, get_compute_dtype, print0,
                              print_result, run_cli)
-
-TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath"]
-
-
-def build_task(name):
-    if name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks.arc import ARC
-        return ARC(name, "test")
-    if name == "MMLU":
-        from tasks.mmlu import MMLU
-        return MMLU("all", "test")
-    if name == "GSM8K":
-        from tasks.gsm8k import GSM8K
-        return GSM8K("main", "test")
-    if name == "HumanEval":
-        from tasks.humaneval import HumanEval
-        return HumanEval()
-    if name == "SpellingBee":
-        from tasks.spellingbee import SpellingBee
-        return SpellingBee(256, "test")
-    from tasks.gsm8k import SyntheticMath
-    return SyntheticMath(256, "test")
+from tasks.common import CHAT_TASKS
 
 
 def main(argv=None):
     p = Flags(description="Evaluate a chat model.")
     p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint")
-    p.add_argument("-a", "--task-name", default="|".join(TASKS[:6]), help=f"|-separated, from {', '.join(TASKS)}")
+    p.add_argument("-a", "--task-name", default="|".join(CHAT_TASKS[:6]), help=f"|-separated, from {', '.join(CHAT_TASKS)}")
     p.add_argument("-t", "--temperature", type=float, default=0.0)
     p.add_argument("-m", "--max-new-tokens", type=int, default=512)
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
@@ -49,40 +28,27 @@ def main(argv=None):
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.task_name.split("|") if n.strip()]
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in CHAT_TASKS]
     if unknown or not names:
-        raise UserError(f"unknown task {', '.join(unknown) or '(none)'}: choose from {', '.join(TASKS)}")
+        raise UserError(f"unknown task {', '.join(unknown) or '(none)'}: choose from {', '.join(CHAT_TASKS)}")
     check_minimums(args, {"-m/--max-new-tokens": 1, "-n/--num-samples": 1, "-k/--top-k": 0, "-b/--batch-size": 1,
                           "-x/--max-problems": 1, "-t/--temperature": 0})
     if args.num_samples > 1 and args.temperature == 0:
         raise UserError("-n above 1 samples the same greedy answer every time: give a temperature (-t 1.0)")
 
-    import torch
-    import torch.distributed as dist
-
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
-    from tasks.common import chatcore, evaluate_categorical, evaluate_generative
+    from tasks.common import chatcore, evaluate_chat_tasks
 
-    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, get_compute_dtype(device.type)[0], model_tag=args.model_tag,
                                         step=args.step)
-    engine = Engine(model, tokenizer)
     accuracies = {}
-    for name in names:
-        task = build_task(name)
-        if task.eval_type == "categorical":
-            hits, n = evaluate_categorical(task, tokenizer, model, args.batch_size, args.max_problems, rank, world_size)
-        else:
-            hits, n = evaluate_generative(task, tokenizer, engine, args.num_samples, args.max_new_tokens, args.temperature,
-                                          args.top_k, args.max_problems, rank, world_size)
-        counts = torch.tensor([hits, n], dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(counts)
-        if counts[1] == 0:  # an accuracy of 0/0 is no result, not 0
+    for name, hits, n in evaluate_chat_tasks(names, model, tokenizer, args.max_problems, args.max_problems, args.batch_size,
+                                             args.num_samples, args.max_new_tokens, args.temperature, args.top_k):
+        if n == 0:  # an accuracy of 0/0 is no result, not 0
             raise UserError(f"{name} has no problems to evaluate: check its data")
-        accuracies[name] = (counts[0] / counts[1]).item()
-        print0(f"{name}: {accuracies[name]:.4f} ({int(counts[0])}/{int(counts[1])})")
+        accuracies[name] = hits / n
+        print0(f"{name}: {accuracies[name]:.4f} ({hits}/{n})")
     score = chatcore({k: v for k, v in accuracies.items() if k != "SyntheticMath"})
     if score is not None:
         print0(f"ChatCORE: {score:.4f}")

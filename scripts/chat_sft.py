@@ -160,28 +160,11 @@ def main(argv=None, stage="sft"):
     token_bytes = get_token_bytes(device, tokenizer.get_vocab_size())
     wandb_run = init_wandb(args.run, STAGES[stage][2], vars(args), master)
 
-    def chatcore_eval():
-        from nanochat.engine import Engine
-        from tasks.arc import ARC
-        from tasks.common import chatcore, evaluate_categorical, evaluate_generative
-        from tasks.gsm8k import GSM8K
-        from tasks.humaneval import HumanEval
-        from tasks.mmlu import MMLU
-        from tasks.spellingbee import SpellingBee
-        engine, accuracies = Engine(model, tokenizer), {}
+    def chatcore_eval():  # chat_eval's evaluation (512 new tokens, the same problems), capped for speed
+        from tasks.common import BASELINES, chatcore, evaluate_chat_tasks
         max_cat = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
-        tasks = {"ARC-Easy": ARC("ARC-Easy", "test"), "ARC-Challenge": ARC("ARC-Challenge", "test"), "MMLU": MMLU("all", "test"),
-                 "GSM8K": GSM8K("main", "test"), "HumanEval": HumanEval(), "SpellingBee": SpellingBee(256, "test")}
-        for name, task in tasks.items():
-            if task.eval_type == "categorical":
-                hits, n = evaluate_categorical(task, tokenizer, model, B, max_cat, rank, world_size)
-            else:
-                hits, n = evaluate_generative(task, tokenizer, engine, max_new_tokens=256, max_problems=args.chatcore_max_sample,
-                                              rank=rank, world_size=world_size)
-            counts = torch.tensor([hits, n], dtype=torch.float64, device=device)
-            if ddp:
-                dist.all_reduce(counts)
-            accuracies[name] = (counts[0] / counts[1].clamp(min=1)).item()
+        results = evaluate_chat_tasks(list(BASELINES), model, tokenizer, max_cat, args.chatcore_max_sample, batch_size=B)
+        accuracies = {name: hits / max(n, 1) for name, hits, n in results}
         return accuracies, chatcore(accuracies)
 
     # --- the loop: until one epoch (or --num-iterations) is done, then a last evaluation and the save ---

@@ -204,6 +204,57 @@ def evaluate_categorical(task, tokenizer, model, batch_size=8, max_problems=None
     return correct, len(indices)
 
 
+CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath"]
+
+
+def chat_task(name):
+    """The test split of one of CHAT_TASKS, as chat_eval and ChatCORE during SFT both evaluate it."""
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+        return ARC(name, "test")
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+        return MMLU("all", "test")
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+        return GSM8K("main", "test")
+    if name == "HumanEval":
+        from tasks.humaneval import HumanEval
+        return HumanEval()
+    if name == "SpellingBee":
+        from tasks.spellingbee import SpellingBee
+        return SpellingBee(256, "test")
+    if name == "SyntheticMath":
+        from tasks.gsm8k import SyntheticMath
+        return SyntheticMath(256, "test")
+    raise UserError(f"unknown task {name!r}: choose from {', '.join(CHAT_TASKS)}")
+
+
+def evaluate_chat_tasks(names, model, tokenizer, max_categorical=None, max_generative=None, batch_size=8, num_samples=1,
+                        max_new_tokens=512, temperature=0.0, top_k=50):
+    """
+    Yield (name, correct, total) per task, summed across ranks: the one evaluation behind chat_eval and ChatCORE
+    during SFT. max_categorical / max_generative cap the problems of each kind (None: all).
+    """
+    import torch
+    import torch.distributed as dist
+    from nanochat.common import get_dist_info
+    from nanochat.engine import Engine
+    _, rank, _, world_size = get_dist_info()
+    engine = Engine(model, tokenizer)
+    for name in names:
+        task = chat_task(name)
+        if task.eval_type == "categorical":
+            hits, n = evaluate_categorical(task, tokenizer, model, batch_size, max_categorical, rank, world_size)
+        else:
+            hits, n = evaluate_generative(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
+                                          max_generative, rank, world_size)
+        counts = torch.tensor([hits, n], dtype=torch.float64, device=model.get_device())
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        yield name, int(counts[0]), int(counts[1])
+
+
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
 
 

@@ -8,6 +8,8 @@ import json
 import os
 import re
 
+import numpy as np
+
 from nanochat.execution import execute_code
 from tasks.common import Task
 
@@ -38,7 +40,10 @@ def check_program(problem, completion):
 class HumanEval(Task):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.problems = load_problems()
+        # in the order of the reference's openai_humaneval.shuffle(seed=42) (datasets draws that permutation from
+        # numpy's default_rng), so capped evaluations score the same problems as the reference's
+        problems = load_problems()
+        self.problems = [problems[i] for i in np.random.default_rng(42).permutation(len(problems))]
 
     def num_examples(self):
         return len(self.problems)

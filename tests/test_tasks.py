@@ -179,3 +179,24 @@ def test_generative_eval_answers_stop_where_the_rotary_table_ends(tokenizer):
     task = Recorded()
     assert evaluate_generative(task, tokenizer, Engine(model, tokenizer), max_new_tokens=512) == (0, 1)
     assert sum(positions) == 80 and task.completions[0]  # the answer ran to the table's last position
+
+
+def test_humaneval_is_in_the_references_shuffled_order():
+    """The reference evaluates openai_humaneval.shuffle(seed=42): a cap of 24 must pick the same problems."""
+    import datasets
+    from tasks.humaneval import HumanEval, load_problems
+    ids = [p["task_id"] for p in load_problems()]
+    reference = datasets.Dataset.from_list([{"task_id": t} for t in ids]).shuffle(seed=42)["task_id"]
+    task = HumanEval()
+    assert [task[i]["problem"]["task_id"] for i in range(len(task))] == reference and reference[0] != ids[0]
+
+
+def test_one_chat_evaluation_for_chat_eval_and_sft(tokenizer):
+    from test_gpt import tiny_model
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=32).eval()
+    results = list(common.evaluate_chat_tasks(["SpellingBee", "SyntheticMath"], model, tokenizer, max_generative=2,
+                                              max_new_tokens=8))
+    assert [(name, n) for name, _, n in results] == [("SpellingBee", 2), ("SyntheticMath", 2)]
+    assert all(0 <= hits <= n for _, hits, n in results)
+    with pytest.raises(UserError, match="unknown task 'Trivia': choose from ARC-Easy"):
+        common.chat_task("Trivia")
