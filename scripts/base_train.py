@@ -145,11 +145,12 @@ def main(argv=None):
     print0(f"FLOPs per token: {flops_per_token:e}")
 
     # --- the depth dial: horizon, batch, learning rates and weight decay from the model size ---
-    # 1) horizon: tokens = ratio x scaling params (transformer matrices + lm_head: the counting that gave the
-    #    cleanest scaling exponents), or what a FLOP budget buys
+    # 1) the model's data: tokens = ratio x scaling params (transformer matrices + lm_head: the counting that gave
+    #    the cleanest scaling exponents). Batch and weight decay follow from it, as in the reference, even when
+    #    --target-flops or --num-iterations sets a different horizon (so an isoFLOP sweep varies only the steps)
     n_scaling = scaling_params(model)
     ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
-    target_tokens = args.target_flops / flops_per_token if args.target_flops > 0 else ratio * n_scaling
+    target_tokens = ratio * n_scaling
     # 2) batch size: B_opt grows as D^0.383 (Power Lines), anchored at 2^19 tokens for d12 at the same ratio
     d_ref = ratio * scaling_params(meta_model(12))
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
@@ -166,7 +167,7 @@ def main(argv=None):
     # 3) learning rates scale with sqrt(B / B_ref); 4) weight decay with sqrt(B / B_ref) * D_ref / D (T_epoch, arXiv 2405.13698)
     lr_scale = (total_batch_size / B_REF) ** 0.5
     weight_decay = args.weight_decay * lr_scale * (d_ref / target_tokens)
-    # 5) steps: explicit, else from the FLOP budget, else from the token target
+    # 5) the horizon, in steps: explicit, else what the FLOP budget buys, else the model's data
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     elif args.target_flops > 0:

@@ -175,3 +175,18 @@ def test_user_errors_are_one_line(workspace, tokenizer, monkeypatch):
     pkl.write_bytes(pkl.read_bytes()[:200])
     err = error_line(run("scripts.base_train", *TINY, expect_ok=False))
     assert err.startswith(f"error: {pkl} cannot be read (") and "retrain it with python -m scripts.tok_train" in err
+
+
+def test_batch_and_weight_decay_come_from_the_model_not_the_horizon(workspace, capsys):
+    """As in the reference: a FLOP budget (or a step count) sets how long to train, never the batch or weight decay,
+    so an isoFLOP sweep changes only the steps."""
+    from scripts import base_train
+    args = [a for a in TINY if not a.startswith("--total-batch-size")] + ["--eval-every=-1", "--model-tag=dial"]
+
+    def dial(*extra):
+        base_train.main([*args, *extra])
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("steps: "))
+        return [part for part in line.split(" | ") if part.startswith(("batch", "lr scale", "muon wd"))]
+
+    plain, budget = dial("--num-iterations=1"), dial("--num-iterations=1", "--target-flops=1e15")
+    assert plain[0].startswith("batch: 65,536 tokens") and len(plain) == 3 and plain == budget
