@@ -7,6 +7,7 @@ Every file is written to a temporary name and renamed, and the meta file is writ
 only once its meta does, so a process killed mid-save leaves the previous checkpoint as the latest valid one.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -41,6 +42,21 @@ def save_meta(checkpoint_dir, step, meta):
     with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def save_stage(checkpoint_dir, step, model, optimizer, tokenizer, rank, **meta):
+    """
+    A training stage's save, on every rank: the model and each rank's optimizer shard (none when optimizer is None),
+    then, once every rank is done, the meta with what loading checks (the model's config, the tokenizer's
+    fingerprint, the compute dtype) and the stage's own entries.
+    """
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict() if optimizer else None, rank)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        save_meta(checkpoint_dir, step, {"step": step, "model_config": dataclasses.asdict(model.config),
+                                         "tokenizer": tokenizer.fingerprint(),
+                                         "compute_dtype": str(model.compute_dtype).removeprefix("torch."), **meta})
 
 
 def checkpoint_steps(checkpoint_dir):

@@ -202,13 +202,15 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
         stop.set()
 
 
-def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_size=1, buffer_size=100, epochs=None):
+def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_size=1, buffer_size=100, epochs=None,
+                         all_tokens=False):
     """
     The finetuning loader. Yield (inputs, targets, info) forever, or with epochs=N until N passes are used up
     (evaluation: one pass); info = {"epoch", "progress"} (progress counts epochs: 1.0 = one pass over the dataset).
     Rows are packed best-fit with whole conversations (none is cropped to fit a row: the row is padded instead),
-    targets are -1 wherever the loss should not look: user turns, tool outputs, padding. A conversation longer than
-    a row is truncated to the row, so small --max-seq-len still trains.
+    targets are -1 wherever the loss should not look: user turns, tool outputs, padding (with all_tokens, as in
+    midtraining, only padding). A conversation longer than a row is truncated to the row, so small --max-seq-len
+    still trains.
     """
     device = torch.device(device)
     row_len, bos, n = T + 1, tokenizer.get_bos_token_id(), len(dataset)
@@ -218,6 +220,8 @@ def conversation_batches(tokenizer, dataset, B, T, device="cpu", rank=0, world_s
         while True:
             for i in range(rank, n, world_size):
                 ids, mask = tokenizer.render_conversation(dataset[i], max_tokens=row_len)
+                if all_tokens:
+                    mask = [1] * len(ids)
                 yield ids, mask, epoch - 1 + (i + 1) / n
             if epoch == epochs:
                 return

@@ -156,7 +156,10 @@ def attention(q, k, v, window, q_offset=0):
         if block_mask is not None:
             from torch.nn.attention.flex_attention import flex_attention
             return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    # An explicit mask for windows and for the KV cache. (SDPA's is_causal aligns the triangle top-left,
+    if Tq == 1:  # decoding one token: the keys it may see are one contiguous slice, so no mask at all
+        start = max(0, q_offset - window)
+        return F.scaled_dot_product_attention(q, k[:, :, start:q_offset + 1], v[:, :, start:q_offset + 1], enable_gqa=gqa)
+    # An explicit mask for windows and for prefill over the KV cache. (SDPA's is_causal aligns the triangle top-left,
     # which is wrong when there are fewer queries than keys.)
     q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device).unsqueeze(1)
     k_pos = torch.arange(Tk, device=q.device).unsqueeze(0)
@@ -301,9 +304,9 @@ class GPT(nn.Module):
     def get_device(self):
         return self.transformer.wte.weight.device
 
-    def prepare_flex_attention(self):
-        """Build the sliding-window block masks for training; call before torch.compile (base_train does, on CUDA)."""
-        T = self.config.sequence_len
+    def prepare_flex_attention(self, T=None):
+        """Build the block masks for training on T-token rows (default: the context); call before torch.compile."""
+        T = T or self.config.sequence_len
         for window in set(self.windows):
             if window < T:
                 build_block_mask(T, window, self.get_device())

@@ -6,8 +6,6 @@ horizon, batch size, learning rates and weight decay follow from the model size 
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20      # one node
 """
 
-import dataclasses
-import gc
 import math
 import os
 import time
@@ -79,18 +77,53 @@ def scaling_params(model):
     return counts["transformer_matrices"] + counts["lm_head"]
 
 
+def depth_dial(args, model, reference_model, tokens_per_micro_step):
+    """
+    Batch, learning-rate scale, Muon weight decay and horizon from the model's size; reference_model is the d12
+    the hyperparameters were tuned at. Returns (total_batch_size, lr_scale, weight_decay, num_iterations).
+    """
+    # 1) the model's data: tokens = ratio x scaling params (transformer matrices + lm_head: the counting that gave
+    #    the cleanest scaling exponents). Batch and weight decay follow from it, as in the reference, even when
+    #    --target-flops or --num-iterations sets a different horizon (so an isoFLOP sweep varies only the steps)
+    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
+    target_tokens = ratio * scaling_params(model)
+    d_ref = ratio * scaling_params(reference_model)
+    # 2) batch size: B_opt grows as D^0.383 (Power Lines), anchored at 2^19 tokens for d12 at the same ratio
+    total_batch_size = args.total_batch_size
+    if total_batch_size <= 0:
+        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
+        if total_batch_size < tokens_per_micro_step:
+            print0(f"the derived batch of {total_batch_size:,} tokens is below one micro-step; using {tokens_per_micro_step:,}")
+            total_batch_size = tokens_per_micro_step
+    if total_batch_size % tokens_per_micro_step:
+        raise UserError(f"--total-batch-size={total_batch_size} is not a multiple of device_batch_size x max_seq_len "
+                        f"x processes = {tokens_per_micro_step}: change one of them")
+    # 3) learning rates scale with sqrt(B / B_ref); 4) weight decay with sqrt(B / B_ref) * D_ref / D (T_epoch, arXiv 2405.13698)
+    lr_scale = (total_batch_size / B_REF) ** 0.5
+    weight_decay = args.weight_decay * lr_scale * (d_ref / target_tokens)
+    # 5) the horizon, in steps: explicit, else what the FLOP budget buys, else the model's data
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (model.estimate_flops() * total_batch_size))
+    else:
+        num_iterations = int(target_tokens // total_batch_size)
+    return total_batch_size, lr_scale, weight_decay, max(num_iterations, 1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_checkpoint, save_meta
+    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_stage
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8
     from nanochat.loss_eval import evaluate_bpb, greedy_samples
     from nanochat.optimizers import LossScaler, lr_multiplier, muon_momentum, weight_decay_schedule
+    from nanochat.progress import Progress
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -144,37 +177,11 @@ def main(argv=None):
     flops_per_token = model.estimate_flops()
     print0(f"FLOPs per token: {flops_per_token:e}")
 
-    # --- the depth dial: horizon, batch, learning rates and weight decay from the model size ---
-    # 1) the model's data: tokens = ratio x scaling params (transformer matrices + lm_head: the counting that gave
-    #    the cleanest scaling exponents). Batch and weight decay follow from it, as in the reference, even when
-    #    --target-flops or --num-iterations sets a different horizon (so an isoFLOP sweep varies only the steps)
-    n_scaling = scaling_params(model)
-    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 10.5
-    target_tokens = ratio * n_scaling
-    # 2) batch size: B_opt grows as D^0.383 (Power Lines), anchored at 2^19 tokens for d12 at the same ratio
-    d_ref = ratio * scaling_params(meta_model(12))
+    # --- the depth dial: batch, learning rates, weight decay and horizon from the model size ---
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
-    total_batch_size = args.total_batch_size
-    if total_batch_size <= 0:
-        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
-        if total_batch_size < tokens_per_micro_step:
-            print0(f"the derived batch of {total_batch_size:,} tokens is below one micro-step; using {tokens_per_micro_step:,}")
-            total_batch_size = tokens_per_micro_step
-    if total_batch_size % tokens_per_micro_step:
-        raise UserError(f"--total-batch-size={total_batch_size} is not a multiple of device_batch_size x max_seq_len "
-                        f"x processes = {tokens_per_micro_step}: change one of them")
+    total_batch_size, lr_scale, weight_decay, num_iterations = depth_dial(args, model, meta_model(12), tokens_per_micro_step)
     grad_accum_steps = total_batch_size // tokens_per_micro_step
-    # 3) learning rates scale with sqrt(B / B_ref); 4) weight decay with sqrt(B / B_ref) * D_ref / D (T_epoch, arXiv 2405.13698)
-    lr_scale = (total_batch_size / B_REF) ** 0.5
-    weight_decay = args.weight_decay * lr_scale * (d_ref / target_tokens)
-    # 5) the horizon, in steps: explicit, else what the FLOP budget buys, else the model's data
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = round(args.target_flops / (flops_per_token * total_batch_size))
-    else:
-        num_iterations = int(target_tokens // total_batch_size)
-    num_iterations = max(num_iterations, 1)
+    n_scaling = scaling_params(model)
     if resume is not None and args.resume_from_step >= num_iterations:
         raise UserError(f"--resume-from-step={args.resume_from_step} is already at or past this run's last step "
                         f"({num_iterations}): ask for more steps with --num-iterations")
@@ -190,7 +197,7 @@ def main(argv=None):
         optimizer.load_state_dict(resume[0])
     scaler = LossScaler(dtype, device.type)
 
-    orig_model = model  # uncompiled: saving, evaluation and sampling, where shapes vary
+    orig_model = model  # uncompiled: saving, CORE and sampling, where shapes vary
     use_compile = args.compile == "1" or (args.compile == "auto" and (device.type == "cuda" or
                                           (device.type == "cpu" and num_iterations >= 500)))
     if use_compile:
@@ -207,14 +214,12 @@ def main(argv=None):
     x, y, next_state = next(train_loader)
 
     # --- the loop: runs num_iterations + 1 times, so the last pass evaluates and saves ---
-    loop = resume[1]["loop_state"] if resume else {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0,
-                                                   "total_training_time": 0.0}
-    step = first_step = args.resume_from_step if resume else 0
+    step = args.resume_from_step if resume else 0
     wandb_run = init_wandb(args.run, "nanochat", vars(args), master)
+    progress = Progress(wandb_run, num_iterations, state=resume[1]["loop_state"] if resume else None)
+    loop = progress.state  # min val bpb, the loss EMA and the training time: saved with checkpoints
     peak_flops = get_peak_flops(device)
-    val_bpb, val_tokens, core_metric, mfu, tok_per_sec, smooth_loss = None, None, None, None, None, None
-    curve = {"train_loss": [], "val_bpb": []}  # for the report card's picture, at most ~200 points
-    ema_beta = 0.9
+    val_bpb, val_tokens, core_metric, mfu, tok_per_sec = None, None, None, None, None
     while True:
         last_step = step == num_iterations
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -222,12 +227,9 @@ def main(argv=None):
             val_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val",
                                                             device=device, epochs=1)
             eval_steps = max(1, args.eval_tokens // tokens_per_micro_step)
-            val_bpb, val_tokens = evaluate_bpb(orig_model, val_loader, eval_steps, token_bytes)
+            val_bpb, val_tokens = evaluate_bpb(model, val_loader, eval_steps, token_bytes)  # compiled: FlexAttention on GPUs
             val_loader.close()
-            loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            curve["val_bpb"].append((step, round(val_bpb, 5)))
-            print0(f"step {step:05d} | val bpb: {val_bpb:.6f} ({val_tokens:,} tokens)")
-            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            progress.val_bpb(step, val_bpb, val_tokens)
             model.train()
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             from nanochat.core_eval import evaluate_core
@@ -249,16 +251,10 @@ def main(argv=None):
                 dist.all_gather_object(states, loader_state)
             else:
                 states = [loader_state]
-            save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), rank)
-            if ddp:
-                dist.barrier()
-            if master:
-                save_meta(checkpoint_dir, step, {
-                    "step": step, "val_bpb": val_bpb, "model_config": dataclasses.asdict(config), "user_config": vars(args),
-                    "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-                    "total_batch_size": total_batch_size, "dataloader_state_dicts": states, "loop_state": loop,
-                    "tokenizer": tokenizer.fingerprint(), "compute_dtype": str(dtype).removeprefix("torch.")})
-                print0(f"saved checkpoint {checkpoint_dir} step {step}")
+            save_stage(checkpoint_dir, step, orig_model, optimizer, tokenizer, rank, val_bpb=val_bpb, user_config=vars(args),
+                       device_batch_size=args.device_batch_size, max_seq_len=args.max_seq_len,
+                       total_batch_size=total_batch_size, dataloader_state_dicts=states, loop_state=loop)
+            print0(f"saved checkpoint {checkpoint_dir} step {step}")
         if last_step:
             break
 
@@ -285,10 +281,7 @@ def main(argv=None):
         dt = time.time() - t0
 
         step += 1
-        loop["smooth_train_loss"] = ema_beta * loop["smooth_train_loss"] + (1 - ema_beta) * train_loss_f
-        smooth_loss = loop["smooth_train_loss"] / (1 - ema_beta ** step)  # debiased
-        if step > 10:
-            loop["total_training_time"] += dt  # the first steps include compilation: left out
+        smooth_loss = progress.train_step(step, train_loss_f, dt)
         tok_per_sec = total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
         done = step / num_iterations
@@ -297,24 +290,12 @@ def main(argv=None):
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {f'{mfu:.2f}' if mfu else 'n/a'} | "
                f"epoch: {next_state['epoch']} pq: {next_state['pq_idx']} rg: {next_state['rg_idx']} | "
                f"total time: {loop['total_training_time'] / 60:.2f}m | eta: {eta:.1f}m")
-        if step % max(1, num_iterations // 200) == 0:
-            curve["train_loss"].append((step, round(smooth_loss, 5)))
         if step % 100 == 0:
             wandb_run.log({"step": step, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt,
                            "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": next_state["epoch"]})
-        # Python's GC costs ~500 ms pauses once the heap is big: collect once, freeze what exists, then run it rarely
-        # (after this run's first step: a resumed run starts past step 1)
-        if step == first_step + 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
 
     train_loader.close()
-    gc.unfreeze()  # hand everything back to the collector, so shutdown finds no leaked objects
-    gc.enable()
-    gc.collect()
+    progress.close()
     peak_mem = peak_memory_mib(device)
     print0(f"peak memory: {peak_mem:.0f} MiB | total training time: {loop['total_training_time'] / 60:.2f}m | "
            f"min val bpb: {loop['min_val_bpb']:.6f}")
@@ -323,10 +304,10 @@ def main(argv=None):
                  num_params=counts["total"], num_scaling_params=n_scaling, flops_per_token=flops_per_token,
                  total_batch_size=total_batch_size, num_iterations=num_iterations, tokens=total_tokens,
                  val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=loop["min_val_bpb"], core_metric=core_metric,
-                 train_loss=smooth_loss,
+                 train_loss=progress.smooth_loss,
                  tok_per_sec=tok_per_sec, mfu=mfu, total_training_time=loop["total_training_time"],
                  peak_memory_mib=round(peak_mem, 1), compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size,
-                 curve=curve)
+                 curve=progress.curve)
     compute_cleanup()
 
 

@@ -9,7 +9,6 @@ the loss is normalised per token (DAPO). Tool outputs forced by the engine are n
     python -m scripts.chat_rl --data=offline --num-steps=20   # synthetic problems, no hub
 """
 
-import dataclasses
 import os
 import time
 
@@ -54,7 +53,7 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import find_checkpoint, load_model, save_checkpoint, save_meta
+    from nanochat.checkpoint_manager import find_checkpoint, load_model, save_stage
     from nanochat.engine import Engine, answer_budget
     from nanochat.optimizers import LossScaler
     from tasks.gsm8k import GSM8K, SyntheticMath
@@ -134,14 +133,6 @@ def main(argv=None):
 
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", os.path.basename(source_dir))
 
-    def save(step):
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), None, rank)
-        if ddp:
-            dist.barrier()
-        if master:
-            save_meta(checkpoint_dir, step, {"step": step, "model_config": dataclasses.asdict(model.config), "user_config": vars(args),
-                                             "tokenizer": tokenizer.fingerprint(), "compute_dtype": str(dtype).removeprefix("torch.")})
-
     print0(f"RL: {num_steps} steps of {args.examples_per_step} problems x {args.num_samples} samples on {world_size} processes")
     pass_k, mean_reward, t_start = None, None, time.time()
     for step in range(num_steps + 1):
@@ -150,7 +141,7 @@ def main(argv=None):
             print0(f"step {step:05d} | " + " | ".join(f"pass@{k + 1}: {v:.4f}" for k, v in enumerate(pass_k)))
             wandb_run.log({"step": step, **{f"pass@{k + 1}": v for k, v in enumerate(pass_k)}})
         if step > 0 and (step % args.save_every == 0 or step == num_steps):
-            save(step)
+            save_stage(checkpoint_dir, step, model, None, tokenizer, rank, user_config=vars(args))
         if step == num_steps:
             break
 

@@ -1,15 +1,15 @@
 """
 Finetune on conversations: supervised finetuning (this script) and midtraining (scripts/mid_train.py, the same
-loop with its own mixture). The loss covers only what the assistant writes; batch size, sequence length and
-learning rates are inherited from the source checkpoint unless given.
+loop with its own mixture and the reference's midtraining settings). SFT's loss covers only what the assistant
+writes, with the source's learning rates and momenta; midtraining, as the reference's did, trains on every token
+from a fresh optimizer at fixed learning rates, constant then down to 0 over the last 20%. Batch size and
+sequence length are inherited from the source checkpoint unless given.
 
     python -m scripts.chat_sft                                   # SFT from the latest mid checkpoint
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft1
     python -m scripts.chat_sft --data=offline --num-iterations=100   # without the hub: synthetic and packaged data
 """
 
-import dataclasses
-import gc
 import os
 import time
 
@@ -42,13 +42,17 @@ def mixtures(stage, data):
                  SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
     else:
         mmlu, gsm8k = MMLU("auxiliary_train", "train"), GSM8K("main", "train")
-        train = [SmolTalk("train"), mmlu, mmlu, mmlu, gsm8k, gsm8k, gsm8k, gsm8k]  # MMLU x3, GSM8K x4 epochs
+        identity = CustomJSON(IDENTITY)
+        # MMLU x3, GSM8K x4 epochs; identity and spelling as in midtraining: SpellingBee is scored after this stage
+        train = [SmolTalk("train"), mmlu, mmlu, mmlu, gsm8k, gsm8k, gsm8k, gsm8k, identity, identity,
+                 SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
     val = [SmolTalk("test"), MMLU("all", "test", stop=5200), GSM8K("main", "test", stop=420)]
     return TaskMixture(train), TaskMixture(val)
 
 
 def parse_args(argv, stage):
-    p = Flags(description=f"{'Midtraining' if stage == 'mid' else 'Supervised finetuning'} on conversations.")
+    mid = stage == "mid"
+    p = Flags(description=f"{'Midtraining' if mid else 'Supervised finetuning'} on conversations.")
     p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     p.add_argument("--source", default=STAGES[stage][0], choices=["base", "mid", "sft"], help="checkpoint to start from")
@@ -56,21 +60,25 @@ def parse_args(argv, stage):
     p.add_argument("--model-step", "--step", type=int, default=None, help="source checkpoint step (default: the last)")
     p.add_argument("--data", choices=["hub", "offline"], default="hub",
                    help="hub: the reference mixture from Hugging Face; offline: identity, synthetic math and spelling only")
-    p.add_argument("--load-optimizer", type=int, default=1, help="start from the source's optimizer momenta (1) or not (0)")
+    p.add_argument("--loss-tokens", choices=["assistant", "all"], default="all" if mid else "assistant",
+                   help="train on what the assistant writes, or on every token of the conversation")
+    p.add_argument("--load-optimizer", type=int, default=0 if mid else 1,
+                   help="start from the source's optimizer momenta (1) or not (0)")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the source's")
     p.add_argument("--device-batch-size", type=int, default=None, help="default: the source's")
     p.add_argument("--total-batch-size", type=int, default=None, help="default: the source's")
-    p.add_argument("--embedding-lr", type=float, default=None, help="default: the source's")
-    p.add_argument("--unembedding-lr", type=float, default=None, help="default: the source's")
-    p.add_argument("--matrix-lr", type=float, default=None, help="default: the source's")
-    p.add_argument("--init-lr-frac", type=float, default=1.0 if stage == "mid" else 0.8)
+    source_lr = None if mid else "the source's"
+    p.add_argument("--embedding-lr", type=float, default=0.2 if mid else None, help=f"default: {source_lr or 0.2}")
+    p.add_argument("--unembedding-lr", type=float, default=0.004 if mid else None, help=f"default: {source_lr or 0.004}")
+    p.add_argument("--matrix-lr", type=float, default=0.02 if mid else None, help=f"default: {source_lr or 0.02}")
+    p.add_argument("--init-lr-frac", type=float, default=1.0 if mid else 0.8)
     p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--warmdown-ratio", type=float, default=0.5)
+    p.add_argument("--warmdown-ratio", type=float, default=0.2 if mid else 0.5)
     p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=150 if stage == "mid" else 200, help="val bpb every N steps (-1 = end only)")
+    p.add_argument("--eval-every", type=int, default=150 if mid else 200, help="val bpb every N steps (-1 = end only)")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation (at most one pass)")
-    p.add_argument("--chatcore-every", type=int, default=-1 if stage == "mid" else 200, help="ChatCORE every N steps (-1 = never)")
+    p.add_argument("--chatcore-every", type=int, default=-1 if mid else 200, help="ChatCORE every N steps (-1 = never)")
     p.add_argument("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task in ChatCORE (-1 = all)")
     p.add_argument("--chatcore-max-sample", type=int, default=24, help="generative problems per task in ChatCORE")
     p.add_argument("--model-tag-out", default=None, help="output checkpoint tag (default: the source's)")
@@ -86,16 +94,38 @@ def parse_args(argv, stage):
     return args
 
 
+def load_momenta(optimizer, source_dir, source_step, device, rank, world_size):
+    """Start from the source's optimizer state (its momenta; this run's learning rates stay) where it can be had."""
+    from nanochat.checkpoint_manager import load_checkpoint, optimizer_shard_count
+    saved_by = optimizer_shard_count(source_dir, source_step)
+    if saved_by == 0:
+        print0("the source has no optimizer state: starting the optimizer fresh")
+        return
+    if saved_by != world_size:
+        print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: "
+               "starting the optimizer fresh (or run with as many processes)")
+        return
+    try:
+        _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
+                                            world_size=world_size)
+    except UserError as e:
+        raise UserError(f"{e}; or start the optimizer fresh with --load-optimizer=0") from None
+    fresh = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
+    optimizer.load_state_dict(optim_state)
+    for g, (lr, initial) in zip(optimizer.param_groups, fresh):
+        g["lr"], g["initial_lr"] = lr, initial
+
+
 def main(argv=None, stage="sft"):
     args = parse_args(argv, stage)
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import (find_checkpoint, load_checkpoint, load_model, optimizer_shard_count,
-                                             save_checkpoint, save_meta)
+    from nanochat.checkpoint_manager import find_checkpoint, load_model, save_stage
     from nanochat.dataloader import conversation_batches
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.optimizers import LossScaler, progress_lr_multiplier
+    from nanochat.progress import Progress
     from nanochat.tokenizer import get_token_bytes
 
     ddp, rank, _, world_size, device = compute_init(args.device_type)
@@ -124,27 +154,15 @@ def main(argv=None, stage="sft"):
     optimizer = model.setup_optimizer(unembedding_lr=lrs["unembedding_lr"], embedding_lr=lrs["embedding_lr"],
                                       matrix_lr=lrs["matrix_lr"], weight_decay=0.0)
     if args.load_optimizer:
-        saved_by = optimizer_shard_count(source_dir, source_step)
-        if saved_by == world_size:
-            try:
-                _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
-                                                    world_size=world_size)
-            except UserError as e:
-                raise UserError(f"{e}; or start the optimizer fresh with --load-optimizer=0") from None
-            fresh = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
-            optimizer.load_state_dict(optim_state)  # the momenta; the learning rates are set afresh below
-            for g, (lr, initial) in zip(optimizer.param_groups, fresh):
-                g["lr"], g["initial_lr"] = lr, initial
-        elif saved_by == 0:
-            print0("the source has no optimizer state: starting the optimizer fresh")
-        else:
-            print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: "
-                   "starting the optimizer fresh (or run with as many processes)")
+        load_momenta(optimizer, source_dir, source_step, device, rank, world_size)
     for g in optimizer.param_groups:
         g["initial_lr"] *= args.init_lr_frac
         g["lr"] = g["initial_lr"]
     scaler = LossScaler(dtype, device.type)  # fp16 (NANOCHAT_DTYPE=float16, pre-Ampere GPUs) scales its loss
-    step_model = torch.compile(model, dynamic=False) if device.type == "cuda" else model
+    step_model = model  # compiled on GPUs, as in base_train: training steps and val bpb (fixed shapes)
+    if device.type == "cuda":
+        model.prepare_flex_attention(T)  # sliding windows through FlexAttention inside the compiled model
+        step_model = torch.compile(model, dynamic=False)
 
     if args.data == "offline" and args.chatcore_every > 0:
         print0("ChatCORE needs ARC, MMLU and GSM8K from the hub: not evaluated with --data=offline")
@@ -156,7 +174,8 @@ def main(argv=None, stage="sft"):
             raise
         raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
     print0(f"mixture: {len(train_ds):,} training conversations, {len(val_ds):,} validation")
-    train_loader = conversation_batches(tokenizer, train_ds, B, T, device, rank, world_size)
+    all_tokens = args.loss_tokens == "all"
+    train_loader = conversation_batches(tokenizer, train_ds, B, T, device, rank, world_size, all_tokens=all_tokens)
     token_bytes = get_token_bytes(device, tokenizer.get_vocab_size())
     wandb_run = init_wandb(args.run, STAGES[stage][2], vars(args), master)
 
@@ -169,23 +188,20 @@ def main(argv=None, stage="sft"):
 
     # --- the loop: until one epoch (or --num-iterations) is done, then a last evaluation and the save ---
     x, y, info = next(train_loader)
-    step, val_bpb, val_tokens, min_val_bpb, train_time, chat_core, smooth_loss = 0, None, None, float("inf"), 0.0, None, 0.0
-    curve = {"train_loss": [], "val_bpb": []}  # for the report card's picture
+    step, val_bpb, val_tokens, chat_core = 0, None, None, None
+    progress = Progress(wandb_run, args.num_iterations if args.num_iterations > 0 else None)
     while True:
-        progress = step / args.num_iterations if args.num_iterations > 0 else info["progress"]
-        last_step = progress >= 1.0
+        done = step / args.num_iterations if args.num_iterations > 0 else info["progress"]
+        last_step = done >= 1.0
         if ddp:  # every rank must stop at the same step
             flag = torch.tensor(float(last_step), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             last_step = bool(flag.item())
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
-            val_loader = conversation_batches(tokenizer, val_ds, B, T, device, rank, world_size, epochs=1)
-            val_bpb, val_tokens = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            curve["val_bpb"].append((step, round(val_bpb, 5)))
-            print0(f"step {step:05d} | val bpb: {val_bpb:.6f} ({val_tokens:,} tokens)")
-            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            val_loader = conversation_batches(tokenizer, val_ds, B, T, device, rank, world_size, epochs=1, all_tokens=all_tokens)
+            val_bpb, val_tokens = evaluate_bpb(step_model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
+            progress.val_bpb(step, val_bpb, val_tokens)
             model.train()
         if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
             model.eval()
@@ -202,7 +218,7 @@ def main(argv=None, stage="sft"):
             train_loss = loss.detach()
             scaler.backward(loss / grad_accum_steps)
             x, y, info = next(train_loader)
-        lrm = progress_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        lrm = progress_lr_multiplier(done, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
@@ -212,38 +228,23 @@ def main(argv=None, stage="sft"):
         loss_value = train_loss.item()
         dt = time.time() - t0
         step += 1
-        if step > 10:
-            train_time += dt
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-        debiased = smooth_loss / (1 - 0.9 ** step)
-        print0(f"step {step:05d} ({100 * min(progress, 1):.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+        smooth_loss = progress.train_step(step, loss_value, dt)
+        print0(f"step {step:05d} ({100 * min(done, 1):.2f}%) | loss: {smooth_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
                f"tok/sec: {total_batch_size / dt:,.0f} | epoch: {info['epoch']}")
-        if args.num_iterations <= 0 or step % max(1, args.num_iterations // 200) == 0:
-            curve["train_loss"].append((step, round(debiased, 5)))
         if step % 10 == 0:
-            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": total_batch_size / dt})
-        if step == 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-    gc.unfreeze()
-    gc.enable()
+            wandb_run.log({"step": step, "train/loss": smooth_loss, "train/lrm": lrm, "train/tok_per_sec": total_batch_size / dt})
+    progress.close()
 
     model_tag = args.model_tag_out or os.path.basename(source_dir)
     checkpoint_dir = os.path.join(get_base_dir(), STAGES[stage][1], model_tag)
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), rank)
-    if ddp:
-        dist.barrier()
-    if master:
-        save_meta(checkpoint_dir, step, {
-            "step": step, "val_bpb": val_bpb, "model_config": dataclasses.asdict(model.config), "source": args.source,
-            "user_config": {**vars(args), **lrs}, "max_seq_len": T, "device_batch_size": B, "total_batch_size": total_batch_size,
-            "tokenizer": tokenizer.fingerprint(), "compute_dtype": str(dtype).removeprefix("torch.")})
-        print0(f"saved {checkpoint_dir} step {step}")
+    save_stage(checkpoint_dir, step, model, optimizer, tokenizer, rank, val_bpb=val_bpb, source=args.source,
+               user_config={**vars(args), **lrs}, max_seq_len=T, device_batch_size=B, total_batch_size=total_batch_size)
+    print0(f"saved {checkpoint_dir} step {step}")
     wandb_run.finish()
     print_result(f"chat_{stage}" if stage == "sft" else "mid_train", checkpoint_dir=checkpoint_dir, step=step, data=args.data,
-                 train_loss=smooth_loss / (1 - 0.9 ** step) if step else None, val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=min_val_bpb,
-                 chatcore=chat_core, total_training_time=train_time, world_size=world_size, curve=curve)
+                 train_loss=progress.smooth_loss, val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=progress.state["min_val_bpb"],
+                 chatcore=chat_core, total_training_time=progress.state["total_training_time"], world_size=world_size,
+                 curve=progress.curve)
     compute_cleanup()
 
 

@@ -69,6 +69,24 @@ def test_finetuning_batches_mask_all_but_the_assistant(tokenizer):
     # render truncated at 2048 whatever the row, so with a small --max-seq-len nothing fit and the loss was NaN)
     x, y, _ = next(conversation_batches(tokenizer, task, B=2, T=8, buffer_size=4))
     assert ((x != tokenizer.get_bos_token_id()).sum(dim=1) >= 6).all()
+    # midtraining's loss, as the reference's: every token of the same rows, user turns included; padding never
+    x, y, _ = next(conversation_batches(tokenizer, task, B=4, T=48, buffer_size=10))
+    _, y_all, _ = next(conversation_batches(tokenizer, task, B=4, T=48, buffer_size=10, all_tokens=True))
+    user_start = tokenizer.encode_special("<|user_start|>")
+    assert user_start not in supervised.tolist() and user_start in y_all.flatten().tolist()
+    assert (y_all[y >= 0] == y[y >= 0]).all() and (y_all >= 0).sum() > (y >= 0).sum()
+    padded = (x[:, 1:] == tokenizer.get_bos_token_id()) & (x[:, :-1] == tokenizer.get_bos_token_id())
+    assert (y_all[:, :-1][padded] == -1).all()
+
+
+def test_midtraining_defaults_are_the_references():
+    """Oct 2025's mid_train: every token, fresh optimizer, lrs 0.2/0.004/0.02 x 1.0, constant then linear to 0 over 20%."""
+    from scripts.chat_sft import parse_args
+    mid, sft = parse_args([], "mid"), parse_args([], "sft")
+    assert (mid.loss_tokens, mid.load_optimizer, mid.init_lr_frac, mid.warmup_ratio, mid.warmdown_ratio, mid.final_lr_frac) \
+        == ("all", 0, 1.0, 0.0, 0.2, 0.0)
+    assert (mid.embedding_lr, mid.unembedding_lr, mid.matrix_lr) == (0.2, 0.004, 0.02)
+    assert (sft.loss_tokens, sft.load_optimizer, sft.init_lr_frac, sft.warmdown_ratio, sft.matrix_lr) == ("assistant", 1, 0.8, 0.5, None)
 
 
 def test_a_fully_masked_micro_batch_gives_zero_loss_not_nan():

@@ -81,6 +81,10 @@ def test_windowed_attention_equals_naive_masking(window):
     # fewer queries than keys (the KV-cache case): the mask must align bottom-right
     assert torch.allclose(attention(q[:, :, 80:], k, v, window, q_offset=80),
                           naive_attention(q[:, :, 80:], k, v, window, offset=80), atol=1e-5)
+    # one query (decoding): the window is sliced out of the cache instead of masked
+    for t in (0, 5, 60, 95):
+        assert torch.allclose(attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], window, q_offset=t),
+                              naive_attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], window, offset=t), atol=1e-5)
 
 
 def test_compiled_model_uses_flex_attention_and_matches_eager(monkeypatch):
@@ -94,8 +98,8 @@ def test_compiled_model_uses_flex_attention_and_matches_eager(monkeypatch):
     real = fa.flex_attention
     monkeypatch.setattr(fa, "flex_attention", lambda *a, **k: (calls.append(k["block_mask"]), real(*a, **k))[1])
     model = tiny_model(sequence_len=512)  # windows 128, 128, 128, 512
-    model.prepare_flex_attention()
-    idx = torch.randint(0, 300, (2, 512))
+    model.prepare_flex_attention(256)  # rows shorter than the context, as SFT's --max-seq-len can make them
+    idx = torch.randint(0, 300, (2, 256))
     with torch.no_grad():
         eager = model(idx)
         compiled = torch.compile(model, dynamic=False)(idx)
