@@ -17,31 +17,37 @@ import torch.nn.functional as F
 
 class KVCache:
     """
-    Keys and values of every layer, (n_layers, B, H_kv, T_max, D), written in place as tokens arrive.
-    pos counts the tokens already cached (the same for every row); prev_embedding holds the last token's
-    embedding for the model's smear.
+    The decoding state of every layer. Attention layers: keys and values, (n_attention_layers, B, H_kv, T_max, D),
+    written in place as tokens arrive. Other mixers (Mamba) keep a dict of batch-first tensors in states[layer],
+    whatever its size, which they replace as they go. pos counts the tokens already cached (the same for every row);
+    prev_embedding holds the last token's embedding for the model's smear.
     """
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
-        shape = (num_layers, batch_size, num_heads, seq_len, head_dim)
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype, attention_layers=None):
+        attention_layers = range(num_layers) if attention_layers is None else attention_layers
+        self.slot = {layer: i for i, layer in enumerate(attention_layers)}
+        shape = (len(self.slot), batch_size, num_heads, seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.states = {}
         self.pos = 0
         self.prev_embedding = None
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
         c = model.config
-        return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, model.get_device(), model.compute_dtype)
+        attention_layers = [i for i, w in enumerate(model.windows) if w is not None]
+        return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, model.get_device(), model.compute_dtype,
+                   attention_layers)
 
     def insert(self, layer, k, v):
         """Store this step's (B, H_kv, T, D) keys and values; return everything cached so far for the layer."""
-        end = self.pos + k.size(2)
+        end, slot = self.pos + k.size(2), self.slot[layer]
         if end > self.k.size(3):
             raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.k.size(3)}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[slot, :, :, self.pos:end] = k
+        self.v[slot, :, :, self.pos:end] = v
+        return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
 
     def advance(self, n):
         self.pos += n
@@ -50,10 +56,13 @@ class KVCache:
         """Copy a batch-1 cache into every row of this one (prefill once, then sample many)."""
         if other.k.size(1) != 1 or other.pos > self.k.size(3):
             raise ValueError("prefill copies a batch-1 cache that fits")
+        rows = self.k.size(1)
         self.k[:, :, :, :other.pos] = other.k[:, :, :, :other.pos]
         self.v[:, :, :, :other.pos] = other.v[:, :, :, :other.pos]
+        self.states = {layer: {name: t.expand(rows, *t.shape[1:]).clone() for name, t in state.items()}
+                       for layer, state in other.states.items()}
         self.pos = other.pos
-        self.prev_embedding = None if other.prev_embedding is None else other.prev_embedding.expand(self.k.size(1), -1, -1).clone()
+        self.prev_embedding = None if other.prev_embedding is None else other.prev_embedding.expand(rows, -1, -1).clone()
 
 
 # -----------------------------------------------------------------------------

@@ -5,10 +5,11 @@ The GPT model. Notable choices (the reasons, measured at d12-d24, are in the ref
 - ReLU² MLP at 4x width; grouped-query attention (n_kv_head); untied embedding and head
 - gated value embeddings (ResFormer) on alternating layers, always including the last
 - per-layer residual and x0 scalars (modded-nanogpt), smear (the previous token's embedding mixed in), backout
-- sliding-window attention by pattern ("SSSL": 3 short, 1 long; the last layer is always long)
+- sliding-window attention by pattern ("SSSL": 3 short, 1 long; the last attention layer is always long)
+- the sequence mixer by pattern: attention (A) or Mamba-2 (M, nanochat/mamba.py), e.g. "AAM"; every block keeps its MLP
 - logits soft-capped at 15, in fp32
 Weights are fp32 masters; compute runs in the dtype passed in (bf16 where the hardware has it), by casting
-inside our Linear rather than through autocast. Which mixer each block uses comes from config.mixer_pattern.
+inside our Linear rather than through autocast.
 """
 
 import math
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.mamba import Mamba2, scan_flops
 
 
 @dataclass
@@ -28,7 +31,15 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
     window_pattern: str = "SSSL"  # tiled over attention layers; S = a quarter of the context, L = all of it
-    mixer_pattern: str = "A"  # tiled over layers: which sequence mixer each block uses (A = attention)
+    mixer_pattern: str = "A"  # tiled over layers: which sequence mixer each block uses (A = attention, M = Mamba-2)
+    # Mamba layers (nanochat/mamba.py): state size N, head size P, inner width = expand x n_embd, scan chunk length
+    mamba_d_state: int = 64
+    mamba_headdim: int = 64
+    mamba_expand: int = 2
+    mamba_chunk: int = 64
+    mamba3_trapezoidal: bool = False
+    mamba3_rope: bool = False
+    mamba3_bc_norm: bool = False
 
 
 def norm(x):
@@ -100,20 +111,25 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def has_ve(layer_idx, n_layer):
-    """Value embeddings on alternating layers, always including the last."""
-    return layer_idx % 2 == (n_layer - 1) % 2
+def has_ve(config, layer_idx):
+    """Value embeddings on alternating layers, always including the last; attention layers only."""
+    return layer_idx % 2 == (config.n_layer - 1) % 2 and mixer_kinds(config)[layer_idx] == "A"
 
 
 def window_sizes(config):
-    """Per layer, how many past tokens a query may attend to: L = the whole context, S = a quarter, rounded up to 128."""
+    """
+    Per layer, how many past tokens a query may attend to: L = the whole context, S = a quarter, rounded up to 128.
+    The pattern tiles over the attention layers; the last of them always sees everything; other mixers get None.
+    """
     long_window = config.sequence_len
     short_window = -(-config.sequence_len // 4 // 128) * 128
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - {"S", "L"}:
         raise ValueError(f"window pattern {config.window_pattern!r} must be a string of S and L")
-    sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(config.n_layer)]
-    sizes[-1] = long_window  # the last layer always sees everything
+    attention = [i for i, kind in enumerate(mixer_kinds(config)) if kind == "A"]
+    sizes = [None] * config.n_layer
+    for j, i in enumerate(attention):
+        sizes[i] = long_window if pattern[j % len(pattern)] == "L" or j == len(attention) - 1 else short_window
     return sizes
 
 
@@ -177,7 +193,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
-        self.ve_gate = Linear(12, self.n_kv_head) if has_ve(layer_idx, config.n_layer) else None
+        self.ve_gate = Linear(12, self.n_kv_head) if has_ve(config, layer_idx) else None
 
     @torch.no_grad()
     def init_weights(self, n_embd):
@@ -223,7 +239,7 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-MIXERS = {"A": CausalSelfAttention}
+MIXERS = {"A": CausalSelfAttention, "M": Mamba2}
 
 
 class Block(nn.Module):
@@ -257,7 +273,7 @@ class GPT(nn.Module):
         })
         self.lm_head = Linear(config.n_embd, padded_vocab)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(padded_vocab, kv_dim)
-                                           for i in range(config.n_layer) if has_ve(i, config.n_layer)})
+                                           for i in range(config.n_layer) if has_ve(config, i)})
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.smear_gate = Linear(24, 1)
@@ -307,7 +323,7 @@ class GPT(nn.Module):
     def prepare_flex_attention(self, T=None):
         """Build the block masks for training on T-token rows (default: the context); call before torch.compile."""
         T = T or self.config.sequence_len
-        for window in set(self.windows):
+        for window in set(self.windows) - {None}:
             if window < T:
                 build_block_mask(T, window, self.get_device())
 
@@ -372,20 +388,32 @@ class GPT(nn.Module):
         """Weights of every matmul (our Linear and anything derived from nn.Linear, e.g. an FP8 Linear)."""
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
-    def _attention_terms(self, context):
-        """Per layer: (n_head * head_dim, the number of keys a query at this context length reads)."""
-        head_dim = self.config.n_embd // self.config.n_head
-        return [(self.config.n_head * head_dim, min(w, context)) for w in self.windows]
+    def num_params_by_mixer(self):
+        """Block parameters by kind: attention, Mamba and MLP."""
+        counts = {}
+        for block in self.transformer.h:
+            kind = "attention" if isinstance(block.mixer, CausalSelfAttention) else "mamba"
+            counts[kind] = counts.get(kind, 0) + sum(p.numel() for p in block.mixer.parameters())
+            counts["mlp"] = counts.get("mlp", 0) + sum(p.numel() for p in block.mlp.parameters())
+        return counts
 
     def estimate_flops(self):
-        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention within each window."""
-        T = self.config.sequence_len
-        return 6 * self.num_matmul_params() + sum(12 * hd * w for hd, w in self._attention_terms(T))
+        """
+        Training FLOPs per token (forward + backward, 3x the forward): 6 per matmul weight, plus attention within
+        each window, plus each Mamba layer's conv and scan.
+        """
+        T, hd = self.config.sequence_len, self.config.n_embd  # n_head * head_dim
+        attention = sum(12 * hd * min(w, T) for w in self.windows if w is not None)
+        mamba = 3 * scan_flops(self.config) * sum(w is None for w in self.windows)
+        return 6 * self.num_matmul_params() + attention + mamba
 
     # -------------------------------------------------------------------------
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
-        """AdamW for embeddings, head and scalars (their lrs scaled by (d/768)^-0.5); Muon for every block matrix."""
+        """
+        AdamW for embeddings, head and scalars (their lrs scaled by (d/768)^-0.5); Muon for every block matrix.
+        Mamba's conv kernels, A_log, dt bias, D and B/C biases are no matrices: AdamW, at 0.02 x scalar_lr, no decay.
+        """
         from nanochat.optimizers import MuonAdamW
         dscale = (self.config.n_embd / 768) ** -0.5
         adam = dict(kind="adamw", eps=1e-10)
@@ -397,9 +425,13 @@ class GPT(nn.Module):
             dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0, **adam),
             dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2, betas=(0.8, 0.95), weight_decay=0.0, **adam),
         ]
+        others = [p for p in self.transformer.h.parameters() if p.ndim != 2]
+        if others:
+            groups.append(dict(params=others, lr=0.02 * scalar_lr, betas=(0.9, 0.95), weight_decay=0.0, **adam))
         by_shape = {}
         for p in self.transformer.h.parameters():
-            by_shape.setdefault(tuple(p.shape), []).append(p)
+            if p.ndim == 2:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
         for shape in sorted(by_shape):
             groups.append(dict(kind="muon", params=by_shape[shape], lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.9,
                                weight_decay=weight_decay))
@@ -423,9 +455,12 @@ class GPT(nn.Module):
 
 
 def build_model_config(depth, vocab_size, aspect_ratio=64, head_dim=128, max_seq_len=2048, window_pattern="SSSL",
-                       mixer_pattern="A"):
-    """The depth dial: width = depth * aspect_ratio rounded up to a whole number of heads of head_dim."""
+                       mixer_pattern="A", **mamba):
+    """
+    The depth dial: width = depth * aspect_ratio rounded up to a whole number of heads of head_dim. mamba: the
+    GPTConfig fields of Mamba layers (mamba_d_state=..., mamba3_rope=...), where the defaults are not wanted.
+    """
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
-                     n_embd=model_dim, window_pattern=window_pattern, mixer_pattern=mixer_pattern)
+                     n_embd=model_dim, window_pattern=window_pattern, mixer_pattern=mixer_pattern, **mamba)

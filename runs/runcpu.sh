@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 DEPTH="${DEPTH:-4}"                    # 4 layers of 256: 7M parameters with a 4096-token vocabulary
+MIXER_PATTERN="${MIXER_PATTERN:-A}"    # A: attention; AAM, M, ...: Mamba-2 layers beside it (nanochat/mamba.py)
 SEQ_LEN="${SEQ_LEN:-256}"
 DEVICE_BATCH="${DEVICE_BATCH:-16}"
 TOTAL_BATCH="${TOTAL_BATCH:-4096}"    # tokens per step
@@ -37,7 +38,7 @@ python -m scripts.tok_train --vocab-size=4096 --max-chars=1000000000
 python -m scripts.tok_eval
 
 # Pretraining, full attention (sliding windows only pay off at long contexts)
-python -m scripts.base_train --depth="$DEPTH" --head-dim=64 --window-pattern=L --max-seq-len="$SEQ_LEN" \
+python -m scripts.base_train --depth="$DEPTH" --mixer-pattern="$MIXER_PATTERN" --head-dim=64 --window-pattern=L --max-seq-len="$SEQ_LEN" \
     --device-batch-size="$DEVICE_BATCH" --total-batch-size="$TOTAL_BATCH" --num-iterations="$BASE_STEPS" \
     --warmup-steps=20 --eval-every=200 --eval-tokens="$EVAL_TOKENS" --core-metric-every=-1 --sample-every=400
 python -m scripts.base_loss --device-batch-size="$DEVICE_BATCH" --split-tokens="$EVAL_TOKENS"

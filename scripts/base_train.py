@@ -28,7 +28,17 @@ def parse_args(argv):
     p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio (rounded to heads)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--window-pattern", default="SSSL", help="S = attend to a quarter of the context, L = all of it; tiled over layers, the last always L")
+    p.add_argument("--window-pattern", default="SSSL", help="S = attend to a quarter of the context, L = all of it; tiled over attention layers, the last always L")
+    p.add_argument("--mixer-pattern", default="A", help="each layer's sequence mixer, tiled over layers: A = attention, M = Mamba-2 (e.g. AAM)")
+    p.add_argument("--mamba-d-state", type=int, default=64, help="Mamba state size N")
+    p.add_argument("--mamba-headdim", type=int, default=64, help="Mamba head size P; must divide expand x width")
+    p.add_argument("--mamba-expand", type=int, default=2, help="Mamba inner width = expand x model width")
+    p.add_argument("--mamba-chunk", type=int, default=64, help="tokens per chunk of the Mamba scan")
+    p.add_argument("--mamba3-trapezoidal", action="store_true", help="Mamba-3's trapezoidal discretisation")
+    p.add_argument("--mamba3-rope", action="store_true", help="Mamba-3's data-dependent rotary on B and C")
+    p.add_argument("--mamba3-bc-norm", action="store_true", help="Mamba-3's RMSNorm plus bias on B and C")
+    p.add_argument("--mamba-kernels", choices=["auto", "torch"], default="auto",
+                   help="auto: mamba_ssm's Triton scan on CUDA where it imports; torch: always the PyTorch scan")
     # the horizon, in precedence order
     p.add_argument("--num-iterations", type=int, default=-1, help="exact number of steps (-1 = derive)")
     p.add_argument("--target-flops", type=float, default=-1.0, help="train for this compute budget (-1 = off)")
@@ -69,7 +79,24 @@ def parse_args(argv):
         p.error(f"--head-dim={args.head_dim} must be even: rotary embeddings turn pairs of dimensions")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
         p.error(f"--window-pattern={args.window_pattern!r} must be a string of S and L, like SSSL")
+    if not args.mixer_pattern or set(args.mixer_pattern.upper()) - set("AM"):
+        p.error(f"--mixer-pattern={args.mixer_pattern!r} must be a string of A (attention) and M (Mamba), like AAM")
+    if "M" in args.mixer_pattern.upper():
+        from nanochat.mamba import sizes
+        try:
+            sizes(model_config(args, depth=args.depth, vocab_size=1))
+        except ValueError as e:
+            p.error(str(e))
     return args
+
+
+def model_config(args, depth, vocab_size):
+    from nanochat.gpt import build_model_config
+    return build_model_config(depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern,
+                              args.mixer_pattern.upper(), mamba_d_state=args.mamba_d_state, mamba_headdim=args.mamba_headdim,
+                              mamba_expand=args.mamba_expand, mamba_chunk=args.mamba_chunk,
+                              mamba3_trapezoidal=args.mamba3_trapezoidal, mamba3_rope=args.mamba3_rope,
+                              mamba3_bc_norm=args.mamba3_bc_norm)
 
 
 def scaling_params(model):
@@ -120,7 +147,8 @@ def main(argv=None):
     from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_stage
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.engine import Engine
-    from nanochat.gpt import GPT, build_model_config, enable_fp8
+    from nanochat.gpt import GPT, enable_fp8, mixer_kinds
+    from nanochat.mamba import use_kernels
     from nanochat.loss_eval import evaluate_bpb, greedy_samples
     from nanochat.optimizers import LossScaler, lr_multiplier, muon_momentum, weight_decay_schedule
     from nanochat.progress import Progress
@@ -142,7 +170,7 @@ def main(argv=None):
 
     # the model, on the meta device first so that nothing is allocated twice
     def meta_model(depth):
-        config = build_model_config(depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern)
+        config = model_config(args, depth, vocab_size)
         with torch.device("meta"):
             return GPT(config, compute_dtype=dtype)
     model = meta_model(args.depth)
@@ -172,8 +200,11 @@ def main(argv=None):
         print0(f"fp8: {enable_fp8(model)} linear layers train in fp8 ({args.fp8_recipe} scaling)")
     counts = model.num_scaling_params()
     print0("Parameter counts:")
-    for key, value in counts.items():
+    for key, value in {**counts, **{f"  of which {k}": v for k, v in model.num_params_by_mixer().items()}}.items():
         print0(f"  {key:<22} {value:>15,}")
+    scan = use_kernels(model, args.mamba_kernels)
+    if scan:
+        print0(f"mixers {''.join(mixer_kinds(config))} (tiled from {args.mixer_pattern}); the Mamba scan: {scan}")
     flops_per_token = model.estimate_flops()
     print0(f"FLOPs per token: {flops_per_token:e}")
 
@@ -301,7 +332,7 @@ def main(argv=None):
            f"min val bpb: {loop['min_val_bpb']:.6f}")
     wandb_run.finish()
     print_result("base_train", model_tag=model_tag, checkpoint_dir=checkpoint_dir, step=step, depth=args.depth,
-                 num_params=counts["total"], num_scaling_params=n_scaling, flops_per_token=flops_per_token,
+                 mixers="".join(mixer_kinds(config)), num_params=counts["total"], num_scaling_params=n_scaling, flops_per_token=flops_per_token,
                  total_batch_size=total_batch_size, num_iterations=num_iterations, tokens=total_tokens,
                  val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=loop["min_val_bpb"], core_metric=core_metric,
                  train_loss=progress.smooth_loss,

@@ -82,6 +82,7 @@ class ScriptedModel(torch.nn.Module):
         self.script, self.vocab_size = script, vocab_size
         self.config = type("Config", (), {"sequence_len": 256, "n_kv_head": 1, "n_embd": 4, "n_head": 1, "n_layer": 1})()
         self.compute_dtype = torch.float32
+        self.windows = [256]  # one attention layer
         self.cos = torch.zeros(1, 10 * 256, 1, 1)  # a rotary table's length: all the Engine reads of it
         self.seen = []  # the token columns the engine fed back
 

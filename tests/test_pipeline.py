@@ -1,4 +1,5 @@
-"""The whole pipeline as a user runs it, at micro scale, offline: bash runs/runcpu.sh from tokenizer to report card."""
+"""The whole pipeline as a user runs it, at micro scale, offline: bash runs/runcpu.sh from tokenizer to report card,
+for a hybrid model (MIXER_PATTERN=AM: the attention-only stages are run by test_chat_pipeline and test_base_train)."""
 
 import json
 import os
@@ -10,7 +11,8 @@ from nanochat import dataset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = {"DEPTH": "2", "SEQ_LEN": "64", "DEVICE_BATCH": "4", "TOTAL_BATCH": "256", "BASE_STEPS": "6", "MID_STEPS": "3",
          "SFT_STEPS": "3", "RL_STEPS": "1", "EVAL_TOKENS": "512", "EVAL_PROBLEMS": "2", "CHAT_DATA": "offline",
-         "RUN_CORE": "0", "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+         "RUN_CORE": "0", "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1",
+         "MIXER_PATTERN": "AM"}  # a hybrid: attention, then a Mamba-2 layer, through every stage
 
 
 def test_runcpu_end_to_end_at_micro_scale(base_dir, tmp_path):
@@ -28,7 +30,7 @@ def test_runcpu_end_to_end_at_micro_scale(base_dir, tmp_path):
     assert stages == ["report", "tok_train", "tok_eval", "base_train", "base_loss", "mid_train", "chat_eval", "chat_sft",
                       "chat_eval", "chat_rl", "chat_eval", "report"]
     assert [r["source"] for r in results if r["stage"] == "chat_eval"] == ["mid", "sft", "rl"]
-    assert results[3]["num_iterations"] == 6 and results[5]["step"] == 3
+    assert results[3]["num_iterations"] == 6 and results[3]["mixers"] == "AM" and results[5]["step"] == 3
 
     report = (tmp_path / "report.md").read_text()
     for title in ("Tokenizer training", "Base model training", "Midtraining", "Supervised finetuning",
