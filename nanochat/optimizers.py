@@ -139,14 +139,19 @@ class MuonAdamW(torch.optim.Optimizer):
                         jobs.append(("adamw_shard", group, p, shard, dist.reduce_scatter_tensor(shard, p.grad, async_op=True)))
             else:
                 params = group["params"]
-                grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-                chunk = -(-len(params) // world)  # each rank owns `chunk` whole matrices
-                grads = torch.cat([grads, grads.new_zeros((chunk * world - len(params), *grads.shape[1:]))])
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 if world == 1:
-                    jobs.append(("muon", group, params, grads, None))
-                else:
-                    owned = grads.new_empty((chunk, *grads.shape[1:]))
-                    jobs.append(("muon", group, params, owned, dist.reduce_scatter_tensor(owned, grads, async_op=True)))
+                    jobs.append(("muon", group, params, grads, None))  # stacked at its update: one shape at a time
+                    continue
+                # Memory: one padded (chunk * world, m, n) buffer per shape is the only full-size stack. It is the
+                # reduce-scatter's input, then holds this rank's updated chunk and is the all-gather's output.
+                chunk = -(-len(params) // world)  # each rank owns `chunk` whole matrices
+                full = params[0].new_empty((chunk * world, *params[0].shape))
+                torch.stack(grads, out=full[:len(params)])
+                full[len(params):].zero_()
+                owned = full.new_empty((chunk, *full.shape[1:]))
+                work = dist.reduce_scatter_tensor(owned, full, async_op=True)
+                jobs.append(("muon", group, (params, full), owned, work))
 
         # 2) as each reduction lands: average, update this rank's slice, launch its all-gather
         gathers = []
@@ -161,16 +166,21 @@ class MuonAdamW(torch.optim.Optimizer):
                 piece = target[rank * rows:(rank + 1) * rows]  # a view: updated in place
                 self._adamw(group, target, piece, grad)
                 gathers.append((dist.all_gather_into_tensor(target, piece.clone(), async_op=True), None, None))
+            elif world == 1:
+                mine = torch.stack(target)
+                self._muon(group, target[0], mine, torch.stack(grad))
+                torch._foreach_copy_(target, list(mine))
             else:
-                chunk = grad.size(0)
-                stacked = torch.stack(list(target))
-                stacked = torch.cat([stacked, stacked.new_zeros((chunk * world - len(target), *stacked.shape[1:]))])
-                mine = stacked[rank * chunk:(rank + 1) * chunk]
-                self._muon(group, target[0], mine, grad)
-                if world == 1:
-                    torch._foreach_copy_(list(target), list(mine[:len(target)]))
-                else:
-                    gathers.append((dist.all_gather_into_tensor(stacked, mine.clone(), async_op=True), stacked, target))
+                (params, full), chunk = target, grad.size(0)
+                # the reduce-scatter has read `full`: stack only the matrices this rank owns into its slice of it,
+                # zero-padded to `chunk`, update them there and all-gather in place
+                mine = full[rank * chunk:(rank + 1) * chunk]
+                owned = params[rank * chunk:(rank + 1) * chunk]
+                if owned:
+                    torch.stack(owned, out=mine[:len(owned)])
+                mine[len(owned):].zero_()
+                self._muon(group, params[0], mine, grad)
+                gathers.append((dist.all_gather_into_tensor(full, mine, async_op=True), full, params))
 
         # 3) wait for the gathers and write the gathered matrices back
         for work, stacked, params in gathers:

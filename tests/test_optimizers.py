@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from nanochat.optimizers import MuonAdamW, lr_multiplier, muon_momentum, muon_update, orthogonalize, weight_decay_schedule
@@ -62,8 +63,10 @@ def test_schedules():
     assert weight_decay_schedule(0, 100, 0.2) == 0.2 and abs(weight_decay_schedule(100, 100, 0.2)) < 1e-12
 
 
-def test_two_gloo_processes_equal_one_with_gradient_accumulation(tmp_path):
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory):
+    """tests/optim_worker.py in 1 process and under torchrun in 2 (gloo): (stdout, saved weights) of each."""
+    one, two = tmp_path_factory.mktemp("one") / "one.pt", tmp_path_factory.mktemp("two") / "two.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_DTYPE": "float32"}
     run = dict(cwd=REPO, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     single = subprocess.run([sys.executable, "-m", "tests.optim_worker", str(one)], **run)
@@ -71,13 +74,25 @@ def test_two_gloo_processes_equal_one_with_gradient_accumulation(tmp_path):
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "tests.optim_worker", str(two)], **run)
     assert double.returncode == 0, double.stdout + double.stderr
-    a, b = torch.load(one), torch.load(two)
+    return (single.stdout, torch.load(one)), (double.stdout, torch.load(two))
+
+
+def test_two_gloo_processes_equal_one_with_gradient_accumulation(gloo_runs):
+    (single, a), (double, b) = gloo_runs
+    a, b = a["model"], b["model"]
     for name in a:
         assert torch.allclose(a[name].float(), b[name].float(), atol=2e-5), name
     # ZeRO-2: each rank keeps optimizer state for its share only (13 matrices in 5 shapes -> 7 each, padded)
-    assert "muon matrices owned 13, lm_head adam rows 320" in single.stdout
-    assert "rank 0: muon matrices owned 7, lm_head adam rows 160" in double.stdout
-    assert "rank 1: muon matrices owned 7, lm_head adam rows 160" in double.stdout
+    assert "muon matrices owned 13, lm_head adam rows 320" in single
+    assert "rank 0: muon matrices owned 7, lm_head adam rows 160" in double
+    assert "rank 1: muon matrices owned 7, lm_head adam rows 160" in double
+
+
+def test_two_gloo_processes_give_one_process_bits_where_the_matrix_counts_do_not_divide(gloo_runs):
+    """Each rank stacks and updates only the matrices it owns, zero-padded where it owns fewer (or none)."""
+    (_, a), (_, b) = gloo_runs
+    for i, (x, y) in enumerate(zip(a["uneven"], b["uneven"], strict=True)):
+        assert torch.equal(x, y), i
 
 
 def test_fp16_training_scales_its_loss_and_skips_overflowing_steps():
