@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanochat import checkpoint_manager as cm
-from scripts.chat_web import MAX_BODY_BYTES, MAX_QUEUE
+from nanochat.serving import MAX_BODY_BYTES
+from scripts.chat_web import MAX_QUEUE
 from test_gpt import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
