@@ -3,7 +3,7 @@ The GPT model. Notable choices (the reasons, measured at d12-d24, are in the ref
 - parameter-free RMSNorm after the embedding, before every sub-block and before the head; no biases, no dropout
 - rotary embeddings (base 100k, rotate-half), then QK-norm, then q and k sharpened by 1.2
 - ReLU² MLP at 4x width; grouped-query attention (n_kv_head); untied embedding and head
-- gated value embeddings (ResFormer) on alternating layers, always including the last
+- gated value embeddings (ResFormer) on alternating attention layers, always including the last
 - per-layer residual and x0 scalars (modded-nanogpt), smear (the previous token's embedding mixed in), backout
 - sliding-window attention by pattern ("SSSL": 3 short, 1 long; the last attention layer is always long)
 - the sequence mixer by pattern: attention (A) or Mamba-2 (M, nanochat/mamba.py), e.g. "AAM"; every block keeps its MLP
@@ -112,8 +112,9 @@ def apply_rotary_emb(x, cos, sin):
 
 
 def has_ve(config, layer_idx):
-    """Value embeddings on alternating layers, always including the last; attention layers only."""
-    return layer_idx % 2 == (config.n_layer - 1) % 2 and mixer_kinds(config)[layer_idx] == "A"
+    """Value embeddings on alternating attention layers, always including the last of them."""
+    attention = [i for i, kind in enumerate(mixer_kinds(config)) if kind == "A"]
+    return layer_idx in attention and attention.index(layer_idx) % 2 == (len(attention) - 1) % 2
 
 
 def window_sizes(config):

@@ -50,14 +50,6 @@ def scan_flops(config):
     return 2 * conv_dim * D_CONV + scan * (2 if config.mamba3_trapezoidal else 1)
 
 
-def state_floats(config):
-    """Decode-cache floats of one layer per sequence: constant in the context length."""
-    d_inner, heads, conv_dim = sizes(config)
-    n = config.mamba_d_state
-    return (conv_dim * (D_CONV - 1) + d_inner * n + (n // 2 if config.mamba3_rope else 0)
-            + (d_inner + n if config.mamba3_trapezoidal else 0))
-
-
 # -----------------------------------------------------------------------------
 # The scan
 
@@ -119,7 +111,7 @@ def cuda_scan():
     if _kernel is None:
         try:
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-            _kernel = mamba_chunk_scan_combined
+            _kernel = torch.compiler.disable(mamba_chunk_scan_combined)  # a Triton op: dynamo cannot trace it
         except Exception:  # not installed, no triton, no CUDA build: the PyTorch scan does the same math
             _kernel = False
     return _kernel or None

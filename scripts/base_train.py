@@ -79,7 +79,8 @@ def parse_args(argv):
         p.error(f"--head-dim={args.head_dim} must be even: rotary embeddings turn pairs of dimensions")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
         p.error(f"--window-pattern={args.window_pattern!r} must be a string of S and L, like SSSL")
-    if not args.mixer_pattern or set(args.mixer_pattern.upper()) - set("AM"):
+    from nanochat.gpt import MIXERS
+    if not args.mixer_pattern or set(args.mixer_pattern.upper()) - set(MIXERS):
         p.error(f"--mixer-pattern={args.mixer_pattern!r} must be a string of A (attention) and M (Mamba), like AAM")
     if "M" in args.mixer_pattern.upper():
         from nanochat.mamba import sizes
@@ -147,7 +148,7 @@ def main(argv=None):
     from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_stage
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.engine import Engine
-    from nanochat.gpt import GPT, enable_fp8, mixer_kinds
+    from nanochat.gpt import GPT, build_model_config, enable_fp8, mixer_kinds
     from nanochat.mamba import use_kernels
     from nanochat.loss_eval import evaluate_bpb, greedy_samples
     from nanochat.optimizers import LossScaler, lr_multiplier, muon_momentum, weight_decay_schedule
@@ -169,12 +170,9 @@ def main(argv=None):
     vocab_size = tokenizer.get_vocab_size()
 
     # the model, on the meta device first so that nothing is allocated twice
-    def meta_model(depth):
-        config = model_config(args, depth, vocab_size)
-        with torch.device("meta"):
-            return GPT(config, compute_dtype=dtype)
-    model = meta_model(args.depth)
-    config = model.config
+    config = model_config(args, args.depth, vocab_size)
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype=dtype)
     model.to_empty(device=device)
     model.init_weights()
     model_tag = args.model_tag or f"d{args.depth}"
@@ -210,7 +208,10 @@ def main(argv=None):
 
     # --- the depth dial: batch, learning rates, weight decay and horizon from the model size ---
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
-    total_batch_size, lr_scale, weight_decay, num_iterations = depth_dial(args, model, meta_model(12), tokens_per_micro_step)
+    # the anchor is the attention-only d12 the hyperparameters were tuned at, whatever this model's mixers
+    with torch.device("meta"):
+        reference_model = GPT(build_model_config(12, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern))
+    total_batch_size, lr_scale, weight_decay, num_iterations = depth_dial(args, model, reference_model, tokens_per_micro_step)
     grad_accum_steps = total_batch_size // tokens_per_micro_step
     n_scaling = scaling_params(model)
     if resume is not None and args.resume_from_step >= num_iterations:
