@@ -1,5 +1,6 @@
 """The whole pipeline as a user runs it, at micro scale, offline: bash runs/runcpu.sh from tokenizer to report card,
-for a hybrid model (MIXER_PATTERN=AM: the attention-only stages are run by test_chat_pipeline and test_base_train)."""
+for a hybrid model (MIXER_PATTERN=AM: the attention-only stages are run by test_chat_pipeline and test_base_train),
+then chat_web answering from the hybrid it made."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 
 from conftest import make_docs
 from nanochat import dataset
+from test_chat_web import post, start_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = {"DEPTH": "2", "SEQ_LEN": "64", "DEVICE_BATCH": "4", "TOTAL_BATCH": "256", "BASE_STEPS": "6", "MID_STEPS": "3",
@@ -44,3 +46,15 @@ def test_runcpu_end_to_end_at_micro_scale(base_dir, tmp_path):
         assert cells[0] == "-" and all(0 <= float(c.strip(" |")) <= 1 for c in cells[1:])
     assert "Total wall clock time" in report and (tmp_path / "report_curves.svg").exists()
     assert "talk to it: python -m scripts.chat_cli -i rl" in proc.stdout
+
+    # the hybrid answers in the browser's API: its Mamba layer decodes from the state the Engine keeps for it
+    proc, url = start_server(base_dir, "-i", "rl", "-m", "8", env={"OMP_NUM_THREADS": "1"})
+    try:
+        status, body = post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                            "temperature": 0, "max_tokens": 8})
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    answer = json.loads(body)
+    assert status == 200 and answer["usage"]["completion_tokens"] >= 1, body
+    assert json.loads(out.strip().splitlines()[-1])["requests"] == 1
