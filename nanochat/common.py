@@ -262,7 +262,7 @@ def check_minimums(args, minimums):
 
 def check_folder_name(flag, name):
     """A checkpoint tag is one folder: 'runs/a' would be written where load_model never looks."""
-    if name is not None and not re.fullmatch(r"[\w.-]+", name):
+    if name is not None and (not re.fullmatch(r"[\w.-]+", name) or not name.strip(".")):  # '..' is no folder of its own
         raise UserError(f"{flag}={name!r} must be a plain folder name (letters, digits, '_', '-', '.')")
 
 

@@ -1,8 +1,10 @@
 """
 Inference: a KV cache, sampling, and the Engine that generates for several samples at once with tool use.
 
-The model calls its calculator by writing <|python_start|> expression <|python_end|>; the Engine evaluates the
-expression and forces <|output_start|> result <|output_end|> into that row's stream, then the model continues.
+The model calls a tool by writing <|python_start|> call <|python_end|>; the Engine runs it and forces
+<|output_start|> result <|output_end|> into that row's stream (never trained on), then the model continues. Two tools:
+"search: QUERY" asks the knowledge base the Engine was given (nanochat/retrieval.py) and gets its passages back;
+any other call is an expression for the calculator.
 """
 
 import ast
@@ -158,14 +160,33 @@ class RowState:
 
     def __init__(self):
         self.forced = deque()
-        self.python_expr = None  # a list while inside <|python_start|> ... <|python_end|>
+        self.python_expr = None  # the call's tokens, while inside <|python_start|> ... <|python_end|>
         self.completed = False
 
 
+SEARCH = "search:"  # a tool call that starts so is a search of the knowledge base
+
+
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, kb=None, retriever="bm25", passages=3):
+        """kb: a retrieval.KnowledgeBase for search calls (None: they are told there is none)."""
         self.model = model
         self.tokenizer = tokenizer
+        self.kb, self.retriever, self.passages = kb, retriever, passages
+
+    def search(self, query):
+        """The passages a search for query gets (the knowledge base memoises them: asking again for citations is free)."""
+        return self.kb.search(query, self.passages, self.retriever)
+
+    def run_tool(self, call):
+        """A tool call's output text, or None when it has none (an expression the calculator cannot evaluate)."""
+        if call.startswith(SEARCH):
+            if self.kb is None:
+                return "no knowledge base is loaded"
+            from nanochat.retrieval import format_passages
+            return format_passages(self.search(call[len(SEARCH):].strip()))
+        result = use_calculator(call)
+        return None if result is None else str(result)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -217,10 +238,10 @@ class Engine:
                 if token == python_start:
                     row.python_expr = []
                 elif token == python_end and row.python_expr is not None:
-                    result = use_calculator(tok.decode(row.python_expr))
+                    result = self.run_tool(tok.decode(row.python_expr).strip())
                     row.python_expr = None
                     if result is not None:
-                        row.forced.extend([output_start, *tok.encode(str(result)), output_end])
+                        row.forced.extend([output_start, *tok.encode(result), output_end])
                 elif row.python_expr is not None:
                     row.python_expr.append(token)
             yield column, masks
@@ -250,32 +271,46 @@ class Engine:
 class TextStream:
     """
     Generated token ids in, display text out, one token at a time: UTF-8 characters split across tokens come out
-    whole, and tool use reads as "[calculator: 12*3 = 36]".
+    whole, and a tool call shows whole once its output has come: "[calculator: 12*3 = 36]", or with search (the
+    Engine's, to name the passages found) "[search: QUERY -> Title; Title]". searches lists the queries whose passages came back so far.
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, search=None):
+        self.tokenizer, self.search = tokenizer, search
         sp = tokenizer.encode_special
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
         self.specials = tokenizer.special_token_ids()
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.awaiting_output = False  # after <|python_end|>: the call's bracket closes after its output
+        self.tool = None  # a call's tokens from <|python_start|> on, until its output has ended
+        self.searches = []
 
     def push(self, token):
         text = self.decoder.decode(b"", final=True) if token in self.specials else ""  # flush before a marker
-        if self.awaiting_output:
-            self.awaiting_output = False
-            if token == self.output_start:
-                return text + " = "
-            text += "]"  # the calculator gave no output: close the call here
+        if self.tool is not None:
+            if self.tool[-1:] == [self.python_end] and token != self.output_start:  # the call got no output
+                return text + self.flush() + self.push(token)
+            self.tool.append(token)
+            return text + (self.flush() if token == self.output_end else "")
         if token == self.python_start:
-            return text + "[calculator: "
-        if token == self.python_end:
-            self.awaiting_output = True
+            self.tool = [token]
             return text
-        if token == self.output_end:
-            return text + "]"
         if token in self.specials:  # end of turn and the like: not text
             return text
         return text + self.decoder.decode(self.tokenizer.decode_single_token_bytes(token))
+
+    def flush(self):
+        """The tool call under way, as far as it got, shown whole ("" when there is none)."""
+        if self.tool is None:
+            return ""
+        tool, self.tool = self.tool[1:], None
+        end = tool.index(self.python_end) if self.python_end in tool else len(tool)
+        call = self.tokenizer.decode(tool[:end]).strip()
+        output = tool[end + 2:-1] if tool[end + 1:end + 2] == [self.output_start] and tool[-1] == self.output_end else None
+        if call.startswith(SEARCH):
+            query = call[len(SEARCH):].strip()
+            if output is not None:  # it ran: an answer cut off inside its call read nothing
+                self.searches.append(query)
+            found = "; ".join(p.title for p in self.search(query)) if self.search and output is not None else ""
+            return f"[search: {query}{' -> ' + found if found else ''}]"
+        return f"[calculator: {call}{' = ' + self.tokenizer.decode(output) if output is not None else ''}]"

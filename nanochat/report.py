@@ -19,13 +19,14 @@ import sys
 from nanochat.common import Flags, UserError, get_base_dir, print_result, run_cli
 
 # pipeline stages in report order; chat_eval gets one section per source
-SECTIONS = ["tok_train", "tok_eval", "base_train", "base_loss", "base_eval", "mid_train", "chat_eval-mid", "chat_sft",
+SECTIONS = ["tok_train", "tok_eval", "rag_index", "base_train", "base_loss", "base_eval", "mid_train", "chat_eval-mid", "chat_sft",
             "chat_eval-sft", "chat_rl", "chat_eval-rl"]
-TITLES = {"tok_train": "Tokenizer training", "tok_eval": "Tokenizer evaluation", "base_train": "Base model training",
-          "base_loss": "Base model loss", "base_eval": "Base model evaluation", "mid_train": "Midtraining",
+TITLES = {"tok_train": "Tokenizer training", "tok_eval": "Tokenizer evaluation", "rag_index": "Knowledge base",
+          "base_train": "Base model training", "base_loss": "Base model loss", "base_eval": "Base model evaluation", "mid_train": "Midtraining",
           "chat_eval-mid": "Chat evaluation (mid)", "chat_sft": "Supervised finetuning", "chat_eval-sft": "Chat evaluation (sft)",
           "chat_rl": "Reinforcement learning", "chat_eval-rl": "Chat evaluation (rl)"}
-SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath", "ChatCORE"]
+SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath", "ChatCORE",
+                *(f"RAG-{mode}{hops}" for mode in ("closed", "context", "search") for hops in ("", " 1-hop", " multi-hop"))]
 GPU_HOURLY_USD = {"H100": 3.00, "H200": 3.50, "A100": 1.79, "V100": 0.55}  # rough cloud prices per GPU-hour
 
 

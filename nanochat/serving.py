@@ -8,6 +8,7 @@ this module checks its flags before any of them load.
 """
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import math
@@ -163,12 +164,23 @@ def conversation(req):
     return messages
 
 
-def prepare(req, tokenizer, model, defaults):
-    """Turn a valid request into (prompt tokens, sampling settings)."""
+def add_passages(messages, engine):
+    """Single-shot RAG: place the passages a search for the last user message finds before it. Returns the citation,
+    {"query", "passages": [{"id", "title", "text", "source"}]}."""
+    from nanochat.retrieval import with_passages
+    i = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    query = messages[i]["content"]
+    passages = engine.search(query)
+    messages[i] = {**messages[i], "content": with_passages(query, passages)}
+    return {"query": query, "passages": [dataclasses.asdict(p) for p in passages]}
+
+
+def prepare(req, messages, tokenizer, model, defaults):
+    """Turn a valid request and its conversation(req) into (prompt tokens, sampling settings)."""
     from nanochat.engine import answer_budget
     sequence_len = model.config.sequence_len
     try:
-        tokens = tokenizer.render_for_completion({"messages": conversation(req)})
+        tokens = tokenizer.render_for_completion({"messages": messages})
     except ValueError as e:
         raise RequestError(f"messages: {e}", "messages") from None
     if len(tokens) >= sequence_len:
@@ -282,10 +294,9 @@ def protocol_with_header_deadline(timeout):
 class Worker:
     """One model replica on one device, with its Engine. A worker serves one request at a time."""
 
-    def __init__(self, model, tokenizer, device, gpu_id):
-        from nanochat.engine import Engine
-        self.model, self.tokenizer, self.device, self.gpu_id = model, tokenizer, device, gpu_id
-        self.engine = Engine(model, tokenizer)
+    def __init__(self, engine, device, gpu_id):
+        self.engine, self.device, self.gpu_id = engine, device, gpu_id
+        self.model, self.tokenizer = engine.model, engine.tokenizer
 
 
 class WorkerPool:
@@ -337,10 +348,11 @@ class Answer:
     """One choice's text as its tokens arrive. It ends at a stop string, which is not sent (as OpenAI does), so text
     that could be the start of one is held back until it is not."""
 
-    def __init__(self, tokenizer, stops):
+    def __init__(self, engine, stops):
         from nanochat.engine import TextStream
-        self.text, self.stops = TextStream(tokenizer), stops
-        self.held, self.tokens, self.finish = "", 0, None
+        self.engine, self.stops = engine, stops
+        self.text = TextStream(engine.tokenizer, engine.search if engine.kb is not None else None)
+        self.held, self.tokens, self.finish, self.cited = "", 0, None, 0
 
     def push(self, token):
         """Take one generated token; return the text that is safe to send."""
@@ -354,22 +366,33 @@ class Answer:
         return sendable
 
     def end(self, finish):
-        """Finish the answer; return the text still held."""
-        self.finish, held, self.held = finish, self.held, ""
+        """Finish the answer; return the text still held (and a tool call it was in the middle of)."""
+        self.finish, held, self.held = finish, self.held + self.text.flush(), ""
         return held
+
+    def citations(self):
+        """The searches shown since the last call, each {"query", "passages": [{"id", "title", "text", "source"}]}."""
+        new, self.cited = self.text.searches[self.cited:], len(self.text.searches)
+        return [{"query": q, "passages": [dataclasses.asdict(p) for p in self.engine.search(q)]}
+                for q in new if self.engine.kb is not None]
 
 
 class Generation:
     """
     One request's answers (n choices sampled together from one prefill), generated on a worker in a thread so the model
     never blocks the event loop. events() yields ("text", index, piece), ("end", index, finish_reason) per choice, then
-    ("done", None, completion_tokens), or ("error", None, message) if the model failed.
+    ("done", None, completion_tokens), or ("error", None, message) if the model failed; with a knowledge base, also
+    ("citation", index, {"query", "passages"}) after each search that choice's text shows, and first the citations
+    given (the passages placed in the prompt).
     """
 
-    def __init__(self, pool, worker, tokens, settings, n, stops):
+    def __init__(self, pool, worker, tokens, settings, n, stops, citations=()):
         self.loop = asyncio.get_running_loop()
         self.queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        for i in range(n):
+            for citation in citations:
+                self.send("citation", i, citation)
         threading.Thread(target=self.run, args=(pool, worker, tokens, settings, n, stops), daemon=True).start()
 
     def cancel(self):
@@ -385,7 +408,7 @@ class Generation:
     def run(self, pool, worker, tokens, settings, n, stops):
         tokenizer, t0 = worker.tokenizer, time.time()
         ends = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        answers = [Answer(tokenizer, stops) for _ in range(n)]
+        answers = [Answer(worker.engine, stops) for _ in range(n)]
         try:
             for column, _ in worker.engine.generate(tokens, num_samples=n, **settings):
                 if self.cancelled.is_set():
@@ -396,6 +419,8 @@ class Generation:
                     text = answer.end("stop") if token in ends else answer.push(token)
                     if text:
                         self.send("text", i, text)
+                    for citation in answer.citations():
+                        self.send("citation", i, citation)
                     if answer.finish:
                         self.send("end", i, answer.finish)
                 if all(a.finish for a in answers):
@@ -404,6 +429,8 @@ class Generation:
                 if not answer.finish:
                     if text := answer.end("length"):
                         self.send("text", i, text)
+                    for citation in answer.citations():
+                        self.send("citation", i, citation)
                     self.send("end", i, "length")
             self.send("done", None, sum(a.tokens for a in answers))
         except Exception as e:  # reported to the client, never a silent hang

@@ -4,14 +4,17 @@ Talk to a model in the terminal.
     python -m scripts.chat_cli                     # the latest SFT model; 'clear' starts over, 'quit' leaves
     python -m scripts.chat_cli -p "Why is the sky blue?"   # one answer, then exit
     python -m scripts.chat_cli -i base -g d4       # any stage: base, mid, sft, rl
+    python -m scripts.chat_cli -i rl --kb wiki     # the model may search knowledge base wiki (scripts/rag_index.py)
 
 Ctrl-C stops an answer and keeps the conversation; Ctrl-C twice at the prompt leaves. A conversation longer than the
 model reads loses its oldest turns, with a note, under the same limits chat_web applies.
 """
 
+import signal
 import time
 
 from nanochat.common import Flags, UserError, check_minimums, compute_init, get_compute_dtype, print_result, run_cli
+from nanochat.retrieval import add_kb_flags, open_kb
 
 
 def drop_oldest_turns(tokens, user_start, limit):
@@ -36,22 +39,27 @@ def main(argv=None):
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("-m", "--max-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    add_kb_flags(p)
     args = p.parse_args(argv)
     check_minimums(args, {"-t/--temperature": 0, "-k/--top-k": 0, "-m/--max-tokens": 1})
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("-p/--prompt is empty: give the text to answer, or leave -p out to chat")
+    kb = open_kb(args)
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine, TextStream, answer_budget
 
+    # Ctrl-C stops an answer even when this was started from a script, whose background jobs ignore it by default
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, _ = load_model(args.source, device, get_compute_dtype(device.type)[0], model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, kb, args.retriever, args.passages)
     sp = tokenizer.encode_special
     bos, user_start, assistant_end = tokenizer.get_bos_token_id(), sp("<|user_start|>"), sp("<|assistant_end|>")
     prompt_limit = model.config.sequence_len  # a prompt must be shorter than the context the model was trained on
     tokens = [bos]  # the whole conversation, tool calls included, exactly as the model saw and wrote it
-    turns, generated, seconds, last_answer, interrupted = 0, 0, 0.0, "", False
+    turns, generated, searches, seconds, last_answer, interrupted = 0, 0, 0, 0.0, "", False
     if not args.prompt:
         print("nanochat: type a message; 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D) leaves. "
               "Ctrl-C stops an answer.")
@@ -90,7 +98,7 @@ def main(argv=None):
             print(f"(the conversation outgrew the {prompt_limit} tokens this model reads: dropped the oldest "
                   f"{'turn' if dropped == 1 else f'{dropped} turns'})")
         print("\nAssistant: ", end="", flush=True)
-        stream, answer, t0 = TextStream(tokenizer), [], time.time()
+        stream, answer, t0 = TextStream(tokenizer, engine.search if kb else None), [], time.time()
         try:
             for column, _ in engine.generate(tokens, max_tokens=answer_budget(model, len(tokens), args.max_tokens),
                                              temperature=args.temperature, top_k=args.top_k or None, seed=int(time.time())):
@@ -106,6 +114,9 @@ def main(argv=None):
             if args.prompt:
                 raise
             print(" [stopped]", end="")
+        answer.append(stream.flush())  # a tool call the answer stopped in
+        print(answer[-1], end="")
+        searches += len(stream.searches)
         tokens.append(assistant_end)  # also when the length limit or Ctrl-C stopped the answer
         seconds += time.time() - t0
         print()
@@ -115,7 +126,7 @@ def main(argv=None):
             break
     if not args.prompt:
         print()  # end the last "User: " prompt's line
-    print_result("chat_cli", source=args.source, turns=turns, tokens_generated=generated,
+    print_result("chat_cli", source=args.source, kb=args.kb, searches=searches, turns=turns, tokens_generated=generated,
                  tokens_per_second=round(generated / seconds, 2) if seconds else None, last_answer=last_answer)
 
 

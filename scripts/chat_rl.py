@@ -4,9 +4,14 @@ of answers, reward the correct ones (1) and not the others (0), and push up the 
 tokens by its reward minus the group's mean. On-policy, so no ratio or clipping; no KL penalty or reference model;
 the loss is normalised per token (DAPO). Tool outputs forced by the engine are not trained on.
 
+With --kb the problems are questions over a knowledge base instead (tasks/rag.py): the sampled answers' searches
+run against it as they are written, and only the final answer is rewarded (exact match), so the model learns when
+and what to search, hop after hop.
+
     python -m scripts.chat_rl                       # GSM8K, from the latest SFT checkpoint
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl1
     python -m scripts.chat_rl --data=offline --num-steps=20   # synthetic problems, no hub
+    python -m scripts.chat_rl --kb synthetic --rag-data synthetic   # multi-hop questions, searching the knowledge base
 """
 
 import os
@@ -14,6 +19,7 @@ import time
 
 from nanochat.common import (Flags, UserError, check_minimums, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
                              print0, print_result, run_cli)
+from nanochat.retrieval import add_kb_flags, open_kb
 
 
 def main(argv=None):
@@ -40,6 +46,7 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=60)
     p.add_argument("--eval-examples", type=int, default=400)
     p.add_argument("--save-every", type=int, default=60)
+    add_kb_flags(p, questions=True)
     args = p.parse_args(argv)
     check_minimums(args, {f"--{name}": 1 for name in ("num-epochs", "device-batch-size", "examples-per-step", "num-samples",
                                                       "max-new-tokens", "eval-every", "eval-examples", "save-every")})
@@ -54,7 +61,7 @@ def main(argv=None):
     import torch.distributed as dist
 
     from nanochat.checkpoint_manager import find_checkpoint, load_model, save_stage
-    from nanochat.engine import Engine, answer_budget
+    from nanochat.engine import SEARCH, Engine, answer_budget
     from nanochat.optimizers import LossScaler
     from tasks.gsm8k import GSM8K, SyntheticMath
 
@@ -63,13 +70,19 @@ def main(argv=None):
     if args.examples_per_step % world_size:
         raise UserError(f"--examples-per-step={args.examples_per_step} must be divisible by the {world_size} processes")
     source_dir, _ = find_checkpoint(args.source, args.model_tag, args.model_step)
-    try:
-        train_task = GSM8K("main", "train") if args.data == "hub" else SyntheticMath(8000, "train")
-        val_task = GSM8K("main", "test") if args.data == "hub" else SyntheticMath(500, "test")
-    except UserError as e:
-        if args.data == "offline":
-            raise
-        raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
+    kb = open_kb(args)
+    if kb is not None:
+        from tasks.rag import RAGQA
+        rag = dict(dataset=args.rag_data, mode="search", kb=kb, top_k=args.passages, retriever=args.retriever)
+        train_task, val_task = RAGQA(split="train", **rag), RAGQA(split="test", **rag)
+    else:
+        try:
+            train_task = GSM8K("main", "train") if args.data == "hub" else SyntheticMath(8000, "train")
+            val_task = GSM8K("main", "test") if args.data == "hub" else SyntheticMath(500, "test")
+        except UserError as e:
+            if args.data == "offline":
+                raise
+            raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
     num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps == 0:
         raise UserError(f"--examples-per-step={args.examples_per_step} is more than the {len(train_task)} training "
@@ -77,8 +90,9 @@ def main(argv=None):
     dtype = get_compute_dtype(device.type)[0]
     model, tokenizer, _ = load_model(args.source, device, dtype, phase="train",
                                      model_tag=args.model_tag, step=args.model_step)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, kb, args.retriever, args.passages)
     examples_per_rank = args.examples_per_step // world_size
+    search_call = "<|python_start|>" + SEARCH  # how a search shows in a decoded answer
     passes = args.num_samples // args.device_batch_size
 
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -104,7 +118,9 @@ def main(argv=None):
             sequences, masks = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=budget(prompt),
                                                      temperature=args.temperature, top_k=args.top_k, seed=seed)
             model.train()
-            rewards = [train_task.reward(conversation, tokenizer.decode(s[len(prompt):])) for s in sequences]
+            completions = [tokenizer.decode(s[len(prompt):]) for s in sequences]
+            rewards = [train_task.reward(conversation, c) for c in completions]
+            searches.extend(c.count(search_call) for c in completions)
             width = max(len(s) for s in sequences)
             ids = torch.tensor([s + [assistant_end] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
             mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long, device=device)
@@ -134,7 +150,7 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", os.path.basename(source_dir))
 
     print0(f"RL: {num_steps} steps of {args.examples_per_step} problems x {args.num_samples} samples on {world_size} processes")
-    pass_k, mean_reward, t_start = None, None, time.time()
+    pass_k, mean_reward, mean_searches, t_start = None, None, None, time.time()
     for step in range(num_steps + 1):
         if step % args.eval_every == 0 or step == num_steps:
             pass_k = pass_at_k()
@@ -145,7 +161,7 @@ def main(argv=None):
         if step == num_steps:
             break
 
-        t0, rewards_seen = time.time(), []
+        t0, rewards_seen, searches = time.time(), [], []
         for j in range(examples_per_rank):
             index = (step * args.examples_per_step + rank + j * world_size) % len(train_task)
             group = list(rollouts(index, step))
@@ -163,16 +179,18 @@ def main(argv=None):
             g["lr"] = g["initial_lr"] * lrm
         scaler.step(optimizer)
         model.zero_grad(set_to_none=True)
-        stats = torch.tensor(rewards_seen, device=device).mean()
+        stats = torch.tensor([sum(rewards_seen) / len(rewards_seen), sum(searches) / len(searches)], device=device)
         if ddp:
             dist.all_reduce(stats)
             stats /= world_size
-        mean_reward = stats.item()
-        print0(f"step {step + 1:05d}/{num_steps:05d} | mean reward: {mean_reward:.4f} | lrm: {lrm:.3f} | dt: {time.time() - t0:.2f}s")
-        wandb_run.log({"step": step + 1, "reward": mean_reward, "lrm": lrm})
+        mean_reward, mean_searches = stats.tolist()
+        print0(f"step {step + 1:05d}/{num_steps:05d} | mean reward: {mean_reward:.4f} | searches/answer: {mean_searches:.2f} "
+               f"| lrm: {lrm:.3f} | dt: {time.time() - t0:.2f}s")
+        wandb_run.log({"step": step + 1, "reward": mean_reward, "searches": mean_searches, "lrm": lrm})
     wandb_run.finish()
-    print_result("chat_rl", checkpoint_dir=checkpoint_dir, steps=num_steps, data=args.data, mean_reward=mean_reward,
-                 pass_at_k=pass_k, seconds=round(time.time() - t_start, 2), world_size=world_size)
+    print_result("chat_rl", checkpoint_dir=checkpoint_dir, steps=num_steps, data=args.rag_data if kb else args.data,
+                 kb=args.kb, mean_reward=mean_reward, searches_per_answer=mean_searches, pass_at_k=pass_k,
+                 seconds=round(time.time() - t_start, 2), world_size=world_size)
     compute_cleanup()
 
 

@@ -8,6 +8,7 @@ sequence length are inherited from the source checkpoint unless given.
     python -m scripts.chat_sft                                   # SFT from the latest mid checkpoint
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft1
     python -m scripts.chat_sft --data=offline --num-iterations=100   # without the hub: synthetic and packaged data
+    python -m scripts.chat_sft --kb=synthetic --max-seq-len=1024     # plus RAG: search the base, answer from passages
 """
 
 import os
@@ -15,6 +16,8 @@ import time
 
 from nanochat.common import (Flags, UserError, check_folder_name, check_minimums, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, init_wandb,
                              print0, print_result, run_cli)
+from nanochat.retrieval import add_kb_flags, open_kb
+from tasks.common import TaskMixture
 
 IDENTITY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev", "identity_conversations.jsonl")
 STAGES = {  # stage -> (default source, checkpoint folder, wandb project)
@@ -23,9 +26,23 @@ STAGES = {  # stage -> (default source, checkpoint folder, wandb project)
 }
 
 
-def mixtures(stage, data):
-    """(train, val) TaskMixtures. 'hub' is the reference's data; 'offline' needs no network at all."""
-    from tasks.common import TaskMixture
+def rag_tasks(args, kb):
+    """RAG SFT on knowledge base kb: (train, val) tasks that search it hop after hop, and answer from passages placed
+    before the question (single-shot), over the --rag-data questions."""
+    from tasks.rag import RAGQA
+    common = dict(dataset=args.rag_data, kb=kb, top_k=args.passages, retriever=args.retriever)
+    return ([RAGQA(split="train", mode="search", **common), RAGQA(split="train", mode="context", **common)],
+            [RAGQA(split="test", mode="search", **common)])
+
+
+def mixtures(stage, data, rag=([], [])):
+    """(train, val) TaskMixtures. 'hub' is the reference's data; 'offline' needs no network at all. rag: rag_tasks()."""
+    train, val = _mixture_tasks(stage, data)
+    return TaskMixture(train + rag[0]), TaskMixture(val + rag[1])
+
+
+def _mixture_tasks(stage, data):
+    """The stage's (train, val) task lists for --data."""
     from tasks.customjson import CustomJSON
     from tasks.gsm8k import GSM8K, SyntheticMath
     from tasks.spellingbee import SimpleSpelling, SpellingBee
@@ -33,7 +50,7 @@ def mixtures(stage, data):
         identity = CustomJSON(IDENTITY)
         train = [identity, identity, SyntheticMath(4000, "train"), SimpleSpelling(4000, "train"), SpellingBee(4000, "train")]
         val = [SyntheticMath(200, "test"), SpellingBee(200, "test"), SimpleSpelling(200, "test")]
-        return TaskMixture(train), TaskMixture(val)
+        return train, val
     from tasks.mmlu import MMLU
     from tasks.smoltalk import SmolTalk
     if stage == "mid":
@@ -47,7 +64,7 @@ def mixtures(stage, data):
         train = [SmolTalk("train"), mmlu, mmlu, mmlu, gsm8k, gsm8k, gsm8k, gsm8k, identity, identity,
                  SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
     val = [SmolTalk("test"), MMLU("all", "test", stop=5200), GSM8K("main", "test", stop=420)]
-    return TaskMixture(train), TaskMixture(val)
+    return train, val
 
 
 def parse_args(argv, stage):
@@ -82,6 +99,7 @@ def parse_args(argv, stage):
     p.add_argument("--chatcore-max-cat", type=int, default=-1, help="categorical problems per task in ChatCORE (-1 = all)")
     p.add_argument("--chatcore-max-sample", type=int, default=24, help="generative problems per task in ChatCORE")
     p.add_argument("--model-tag-out", default=None, help="output checkpoint tag (default: the source's)")
+    add_kb_flags(p, questions=True)  # with --kb: RAG SFT, searching it and answering from its passages
     args = p.parse_args(argv)
     if args.source == stage or (stage == "mid" and args.source == "sft"):
         p.error(f"--source={args.source} cannot feed {stage}: use base{' or mid' if stage == 'sft' else ''}")
@@ -118,6 +136,8 @@ def load_momenta(optimizer, source_dir, source_step, device, rank, world_size):
 
 def main(argv=None, stage="sft"):
     args = parse_args(argv, stage)
+    kb = open_kb(args)
+    rag = rag_tasks(args, kb) if kb else ([], [])  # a missing question file is found before the model loads
     import torch
     import torch.distributed as dist
 
@@ -168,7 +188,7 @@ def main(argv=None, stage="sft"):
         print0("ChatCORE needs ARC, MMLU and GSM8K from the hub: not evaluated with --data=offline")
         args.chatcore_every = -1
     try:
-        train_ds, val_ds = mixtures(stage, args.data)
+        train_ds, val_ds = mixtures(stage, args.data, rag)
     except UserError as e:
         if args.data == "offline":
             raise
@@ -242,7 +262,7 @@ def main(argv=None, stage="sft"):
     print0(f"saved {checkpoint_dir} step {step}")
     wandb_run.finish()
     print_result(f"chat_{stage}" if stage == "sft" else "mid_train", checkpoint_dir=checkpoint_dir, step=step, data=args.data,
-                 train_loss=progress.smooth_loss, val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=progress.state["min_val_bpb"],
+                 kb=args.kb, train_loss=progress.smooth_loss, val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=progress.state["min_val_bpb"],
                  chatcore=chat_core, total_training_time=progress.state["total_training_time"], world_size=world_size,
                  curve=progress.curve)
     compute_cleanup()

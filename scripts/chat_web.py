@@ -4,14 +4,17 @@ The web server: a ChatGPT-like UI at /, its streaming endpoint, and an OpenAI-co
     python -m scripts.chat_web                 # then open http://localhost:8000
     python -m scripts.chat_web -n 8            # one model replica per GPU; requests go to whichever is free
     python -m scripts.chat_web --api-key KEY   # or NANOCHAT_API_KEY=KEY: the API then needs "Authorization: Bearer KEY"
+    python -m scripts.chat_web -i rl --kb wiki # the model may search knowledge base wiki (scripts/rag_index.py)
 
 Endpoints: GET / (the UI), POST /chat/completions (server-sent events: {"token": ..., "index": ...} then {"done": true}),
 POST /v1/chat/completions and GET /v1/models (for OpenAI clients), GET /health, GET /stats, GET /favicon.ico.
 With an API key, only /, /health and /favicon.ico stay public (the page asks for the key), /openapi.json needs the key
 and /docs is off. Requests outside the limits in nanochat/serving.py get 400 naming the field, bodies over
-MAX_BODY_BYTES 413, and a full queue 503 with Retry-After.
+MAX_BODY_BYTES 413, and a full queue 503 with Retry-After. With --kb, the passages an answer read come with it:
+{"citation": {"query", "passages"}} events in the UI's stream, "citations" in the API's message (or stream deltas).
 """
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -23,9 +26,10 @@ import uuid
 
 import nanochat
 from nanochat.common import Flags, UserError, compute_init, get_compute_dtype, print_result, run_cli
+from nanochat.retrieval import add_kb_flags, open_kb
 from nanochat.serving import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest, Generation,
-                              LimitBody, RequestError, RequireApiKey, Worker, WorkerPool, add_error_handlers, error_body,
-                              prepare, protocol_with_header_deadline)
+                              LimitBody, RequestError, RequireApiKey, Worker, WorkerPool, add_error_handlers, add_passages,
+                              conversation, error_body, prepare, protocol_with_header_deadline)
 
 # Slow and busy clients. uvicorn bounds neither how long a request's headers nor its body may take to arrive.
 READ_TIMEOUT = 30.0  # seconds to send the headers, then again to send the body; then the connection is dropped
@@ -48,10 +52,13 @@ def usage(prompt_tokens, completion_tokens):
 
 
 async def ui_events(generation, req, prompt_tokens, gpu_id):
-    """/chat/completions, the UI's stream: {"token", "index", "gpu"} per piece, the usage if asked, then {"done"}."""
+    """/chat/completions, the UI's stream: {"token", "index", "gpu"} per piece, {"citation", "index"} per search,
+    the usage if asked, then {"done"}."""
     async for kind, index, value in generation.events():
         if kind == "text":
             yield sse({"token": value, "index": index, "gpu": gpu_id})
+        elif kind == "citation":
+            yield sse({"citation": value, "index": index})
         elif kind == "error":
             yield sse(error_body(value, status=500))
         elif kind == "done" and req.include_usage:
@@ -60,7 +67,8 @@ async def ui_events(generation, req, prompt_tokens, gpu_id):
 
 
 async def openai_chunks(generation, req, prompt_tokens, base):
-    """/v1/chat/completions with stream: OpenAI's chat.completion.chunk events, then [DONE]."""
+    """/v1/chat/completions with stream: OpenAI's chat.completion.chunk events (a search's passages as a delta's
+    "citations", a field OpenAI's clients pass through), then [DONE]."""
     def chunk(choices, **extra):
         return sse({**base, "object": "chat.completion.chunk", "choices": choices, **extra})
 
@@ -69,6 +77,8 @@ async def openai_chunks(generation, req, prompt_tokens, base):
     async for kind, index, value in generation.events():
         if kind == "text":
             yield chunk([{"index": index, "delta": {"content": value}, "finish_reason": None}])
+        elif kind == "citation":
+            yield chunk([{"index": index, "delta": {"citations": [value]}, "finish_reason": None}])
         elif kind == "end":
             yield chunk([{"index": index, "delta": {}, "finish_reason": value}])
         elif kind == "error":
@@ -79,11 +89,15 @@ async def openai_chunks(generation, req, prompt_tokens, base):
 
 
 async def openai_completion(generation, request, req, prompt_tokens, base):
-    """/v1/chat/completions without stream: one chat.completion once every choice has ended."""
+    """/v1/chat/completions without stream: one chat.completion once every choice has ended (a message that searched
+    carries the passages it was shown as "citations")."""
     texts, finishes, completion_tokens = [""] * req.choices, [None] * req.choices, 0
+    citations = [[] for _ in range(req.choices)]
     for kind, index, value in await generation.collect(request):
         if kind == "text":
             texts[index] += value
+        elif kind == "citation":
+            citations[index].append(value)
         elif kind == "end":
             finishes[index] = value
         elif kind == "error":
@@ -91,8 +105,9 @@ async def openai_completion(generation, request, req, prompt_tokens, base):
         else:
             completion_tokens = value
     return {**base, "object": "chat.completion",
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                        for i, (text, finish) in enumerate(zip(texts, finishes))],
+            "choices": [{"index": i, "finish_reason": finish, "message": {"role": "assistant", "content": text,
+                                                                          **({"citations": cited} if cited else {})}}
+                        for i, (text, finish, cited) in enumerate(zip(texts, finishes, citations))],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
@@ -100,9 +115,11 @@ async def openai_completion(generation, request, req, prompt_tokens, base):
 # The app
 
 def create_app(workers, default_temperature=0.8, default_top_k=50, default_max_tokens=512, model_name="nanochat",
-               on_shutdown=None, api_key=None, cors_origins=None, max_queue=MAX_QUEUE, read_timeout=READ_TIMEOUT):
+               on_shutdown=None, api_key=None, cors_origins=None, max_queue=MAX_QUEUE, read_timeout=READ_TIMEOUT,
+               rag_mode="search"):
     """
-    The FastAPI app over a list of Workers. With api_key, every route but /, /health and /favicon.ico needs it and the
+    The FastAPI app over a list of Workers. With a knowledge base on their engines, the model searches it (rag_mode
+    search), or each question comes with the passages found for it (context). With api_key, every route but /, /health and /favicon.ico needs it and the
     docs are off; CORS then allows only cors_origins (none: same origin only), else cors_origins or any origin.
     on_shutdown(stats) runs when the server stops (uvicorn re-raises Ctrl-C/SIGTERM after, so nothing runs later).
     """
@@ -134,9 +151,12 @@ def create_app(workers, default_temperature=0.8, default_top_k=50, default_max_t
 
     async def start(request, req):
         """Validate, wait for a worker, and start generating: (generation, worker, prompt tokens)."""
-        tokens, settings = prepare(req, tokenizer, model, defaults)
+        messages = conversation(req)
+        context = rag_mode == "context" and workers[0].engine.kb is not None
+        citations = [await asyncio.to_thread(add_passages, messages, workers[0].engine)] if context else []
+        tokens, settings = prepare(req, messages, tokenizer, model, defaults)
         worker = await pool.acquire(request)
-        return Generation(pool, worker, tokens, settings, req.choices, req.stops), worker, tokens
+        return Generation(pool, worker, tokens, settings, req.choices, req.stops, citations), worker, tokens
 
     def stream(events, generation):  # the generation stops once the response ends, however it ends
         return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(generation.cancel))
@@ -222,6 +242,9 @@ def main(argv=None):
     p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, help="seconds a client has to send its headers, "
                    "and again its body")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    add_kb_flags(p)
+    p.add_argument("--rag-mode", default="search", choices=["search", "context"], help="with --kb: the model searches "
+                   "it (a model trained to, as RAG SFT teaches), or each question gets its passages placed before it")
     args = p.parse_args(argv)
     if args.num_gpus < 1:
         raise UserError("--num-gpus must be at least 1")
@@ -233,10 +256,14 @@ def main(argv=None):
         raise UserError("--max-queue must be 0 or more and --read-timeout a number of seconds more than 0")
     if not 1 <= args.port <= 65535:
         raise UserError(f"-p/--port={args.port} must be between 1 and 65535")
+    if args.rag_mode == "context" and args.kb is None:
+        raise UserError("--rag-mode=context places passages from a knowledge base before each question: give --kb NAME")
+    kb = open_kb(args)
     import torch
     import uvicorn
 
     from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
 
     _, _, _, _, device = compute_init(args.device_type)
     dtype = get_compute_dtype(device.type)[0]
@@ -253,7 +280,7 @@ def main(argv=None):
     workers = []
     for gpu_id, dev in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, dev, dtype, model_tag=args.model_tag, step=args.step)
-        workers.append(Worker(model, tokenizer, dev, gpu_id))
+        workers.append(Worker(Engine(model, tokenizer, kb, args.retriever, args.passages), dev, gpu_id))
     model_name = f"nanochat-{args.source}-{args.model_tag or 'd' + str(workers[0].model.config.n_layer)}-step{meta['step']}"
     def report(stats):
         print_result("chat_web", model=model_name, workers=len(workers), requests=stats["requests"],
@@ -261,7 +288,7 @@ def main(argv=None):
     cors_origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
     app = create_app(workers, args.temperature, args.top_k, args.max_tokens, model_name, on_shutdown=report,
                      api_key=args.api_key, cors_origins=cors_origins, max_queue=args.max_queue,
-                     read_timeout=args.read_timeout)
+                     read_timeout=args.read_timeout, rag_mode=args.rag_mode)
     print(f"serving {model_name} on {len(workers)} worker(s): http://{'localhost' if args.host == '0.0.0.0' else args.host}:{args.port}",
           flush=True)
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -204,11 +204,21 @@ def evaluate_categorical(task, tokenizer, model, batch_size=8, max_problems=None
     return correct, len(indices)
 
 
-CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath"]
+# RAG-*: questions over a knowledge base (tasks/rag.py) answered by searching it, from passages placed before the
+# question, or closed-book; each is scored on single-hop and multi-hop questions apart, then together
+CHAT_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "SyntheticMath",
+              "RAG-search", "RAG-context", "RAG-closed"]
+HOPS = {"1-hop": 1, "multi-hop": (2, 3, 4)}
 
 
-def chat_task(name):
-    """The test split of one of CHAT_TASKS, as chat_eval and ChatCORE during SFT both evaluate it."""
+def chat_task(name, rag=None, hops=None):
+    """
+    The test split of one of CHAT_TASKS, as chat_eval and ChatCORE during SFT both evaluate it. rag: RAGQA's
+    dataset, kb, top_k and retriever for the RAG tasks, which keep only questions of `hops` hops (None: all).
+    """
+    if name.startswith("RAG-") and name in CHAT_TASKS:
+        from tasks.rag import RAGQA
+        return RAGQA(split="test", mode=name[len("RAG-"):], hops=hops, **(rag or {}))
     if name in ("ARC-Easy", "ARC-Challenge"):
         from tasks.arc import ARC
         return ARC(name, "test")
@@ -231,19 +241,21 @@ def chat_task(name):
 
 
 def evaluate_chat_tasks(names, model, tokenizer, max_categorical=None, max_generative=None, batch_size=8, num_samples=1,
-                        max_new_tokens=512, temperature=0.0, top_k=50):
+                        max_new_tokens=512, temperature=0.0, top_k=50, rag=None):
     """
     Yield (name, correct, total) per task, summed across ranks: the one evaluation behind chat_eval and ChatCORE
-    during SFT. max_categorical / max_generative cap the problems of each kind (None: all).
+    during SFT. max_categorical / max_generative cap the problems of each kind (None: all). A RAG task yields
+    "NAME 1-hop" and "NAME multi-hop" (each capped), then NAME, their sum; the Engine searches rag's kb.
     """
     import torch
     import torch.distributed as dist
     from nanochat.common import get_dist_info
     from nanochat.engine import Engine
     _, rank, _, world_size = get_dist_info()
-    engine = Engine(model, tokenizer)
-    for name in names:
-        task = chat_task(name)
+    rag = rag or {}
+    engine = Engine(model, tokenizer, rag.get("kb"), rag.get("retriever", "bm25"), rag.get("top_k", 3))
+
+    def evaluate(task):
         if task.eval_type == "categorical":
             hits, n = evaluate_categorical(task, tokenizer, model, batch_size, max_categorical, rank, world_size)
         else:
@@ -252,7 +264,23 @@ def evaluate_chat_tasks(names, model, tokenizer, max_categorical=None, max_gener
         counts = torch.tensor([hits, n], dtype=torch.float64, device=model.get_device())
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
-        yield name, int(counts[0]), int(counts[1])
+        return int(counts[0]), int(counts[1])
+
+    for name in names:
+        if not name.startswith("RAG-"):
+            yield name, *evaluate(chat_task(name))
+            continue
+        chat_task(name, rag)  # a missing question file or knowledge base is its own clear error
+        hits = n = 0
+        for label, hops in HOPS.items():
+            try:
+                task = chat_task(name, rag, hops)
+            except UserError:  # no questions of these hops (HotpotQA has no single-hop ones)
+                continue
+            subset = evaluate(task)
+            yield f"{name} {label}", *subset
+            hits, n = hits + subset[0], n + subset[1]
+        yield name, hits, n
 
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}

@@ -6,7 +6,10 @@ import sys
 import threading
 import time
 
+import pytest
+
 from nanochat.engine import TextStream
+from nanochat.retrieval import KnowledgeBase
 from test_chat_web import make_chat_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,10 +23,14 @@ def run_cli(base_dir, *args, stdin=None):
 
 def test_one_shot_and_repl(base_dir, tokenizer):
     make_chat_model_dir(base_dir, tokenizer)
-    proc = run_cli(base_dir, "-i", "base", "-p", "Why is the sky blue?", "-t", "0", "-m", "10")
+    corpus = base_dir / "sky.txt"
+    corpus.write_text("The sky is blue because air scatters blue light more than red light.")
+    KnowledgeBase.build("sky", [corpus], dense=False)
+    proc = run_cli(base_dir, "-i", "base", "-p", "Why is the sky blue?", "-t", "0", "-m", "10", "--kb", "sky")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["turns"] == 1 and result["tokens_generated"] == 10 and "Assistant: " in proc.stdout
+    assert result["kb"] == "sky" and result["searches"] == 0  # this model was never taught to search
     assert result["last_answer"] in proc.stdout  # what was streamed is the answer
 
     proc = run_cli(base_dir, "-i", "base", "-t", "0", "-m", "5", stdin="hello\nclear\n\nhello\nexit\n")
@@ -61,7 +68,9 @@ def test_ctrl_c_stops_the_answer_and_twice_at_the_prompt_leaves(base_dir, tokeni
     def wait_for(text, count=1):
         deadline = time.time() + 60
         while "".join(out).count(text) < count:
-            assert time.time() < deadline and proc.poll() is None, ("".join(out), proc.stderr.read())
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()  # first: reading the stderr of a live process would wait for ever
+                pytest.fail(f"no {text!r} (x{count}) in:\n{''.join(out)}\nstderr:\n{proc.stderr.read()}")
             time.sleep(0.05)
 
     for turn in (1, 2):

@@ -27,8 +27,8 @@ def run(base_dir, module, *args, expect_ok=True, **env):
     return json.loads(proc.stdout.strip().splitlines()[-1]) if expect_ok else proc.stderr
 
 
-def test_mid_sft_rl_eval_offline(base_dir, tokenizer):
-    import torch as _torch
+def save_tiny_base(base_dir, tokenizer):
+    """A tiny base checkpoint (with its optimizer state) and the tokenizer, as base_train leaves them."""
     model = tiny_model(vocab_size=tokenizer.get_vocab_size())
     optimizer = model.setup_optimizer()
     base = base_dir / "base_checkpoints" / "d4"
@@ -37,7 +37,11 @@ def test_mid_sft_rl_eval_offline(base_dir, tokenizer):
                                  "device_batch_size": 4, "total_batch_size": 512,
                                  "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02}})
     tokenizer.save(str(base_dir / "tokenizer"))
-    _torch.save(_torch.tensor(tokenizer.token_bytes(), dtype=_torch.int32), base_dir / "tokenizer" / "token_bytes.pt")
+    torch.save(torch.tensor(tokenizer.token_bytes(), dtype=torch.int32), base_dir / "tokenizer" / "token_bytes.pt")
+
+
+def test_mid_sft_rl_eval_offline(base_dir, tokenizer):
+    save_tiny_base(base_dir, tokenizer)
 
     # without the hub (HF_HUB_OFFLINE=1 says so at once), the hub mixture fails in one line that names the way out
     err = run(base_dir, "scripts.mid_train", "--num-iterations=3", expect_ok=False, HF_HUB_OFFLINE="1")
@@ -56,6 +60,32 @@ def test_mid_sft_rl_eval_offline(base_dir, tokenizer):
     result = run(base_dir, "scripts.chat_eval", "-i", "rl", "-a", "SpellingBee|SyntheticMath|HumanEval", "-x", "2", "-m", "16")
     assert set(result["results"]) == {"SpellingBee", "SyntheticMath", "HumanEval"} and result["chatcore"] is None
     assert all(0 <= v <= 1 for v in result["results"].values())
+
+
+def test_rag_sft_rl_and_eval_on_an_offline_knowledge_base(base_dir, tokenizer):
+    """RAG=1 of runs/runcpu.sh in miniature: the synthetic set, its index, RAG SFT, multi-hop RL and chat_eval."""
+    from dev import gen_rag_data
+    from scripts import rag_index
+    save_tiny_base(base_dir, tokenizer)
+    gen_rag_data.main(["--entities", "90", "--train", "60", "--test", "12"])
+    data = base_dir / "task_data" / "rag" / "synthetic"
+    rag_index.main(["--kb", "synthetic", str(data / "corpus.jsonl"), "--no-dense", "--questions", str(data / "test.jsonl")])
+    rag = ["--kb=synthetic", "--passages=2"]
+    sft = run(base_dir, "scripts.chat_sft", "--source=base", "--data=offline", "--num-iterations=2", "--eval-tokens=512",
+              "--max-seq-len=256", "--device-batch-size=2", *rag)
+    assert sft["kb"] == "synthetic" and sft["train_loss"] == sft["train_loss"]
+    rl = run(base_dir, "scripts.chat_rl", "--num-steps=1", "--examples-per-step=2", "--num-samples=2", "--device-batch-size=2",
+             "--max-new-tokens=16", "--eval-every=1", "--eval-examples=2", *rag)
+    assert rl["kb"] == "synthetic" and rl["data"] == "synthetic" and rl["steps"] == 1
+    assert 0 <= rl["mean_reward"] <= 1 and rl["searches_per_answer"] >= 0
+    result = run(base_dir, "scripts.chat_eval", "-i", "rl", "-a", "RAG-closed|RAG-search", "-x", "2", "-m", "8", *rag)
+    assert list(result["results"]) == [f"RAG-{mode}{hops}" for mode in ("closed", "search")
+                                       for hops in (" 1-hop", " multi-hop", "")]
+    assert all(0 <= v <= 1 for v in result["results"].values()) and result["kb"] == "synthetic"
+    from nanochat.common import UserError
+    from scripts import chat_eval
+    with pytest.raises(UserError, match=r"^RAG mode context searches a knowledge base and none was given: pass --kb NAME"):
+        chat_eval.main(["-i", "rl", "-a", "RAG-context", "--device-type=cpu"])
 
 
 def test_finetuning_batches_mask_all_but_the_assistant(tokenizer):

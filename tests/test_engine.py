@@ -1,3 +1,4 @@
+import json
 import threading
 
 import pytest
@@ -119,6 +120,70 @@ def test_tool_call_output_is_forced_into_the_stream(tokenizer):
     assert tokens[-1] == sp("<|assistant_end|>") and len(columns) < 40
     sequences, seq_masks = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=1, max_tokens=40, temperature=0)
     assert sp("<|assistant_end|>") not in sequences[0] and len(sequences[0]) == len(seq_masks[0])
+
+
+class ToolUser(ScriptedModel):
+    """Writes its script in order, one token per step, waiting while the Engine forces a tool's output (it reads
+    <|output_start|> ... <|output_end|> fed back, as a model reads them) and going on after. A prefill starts over."""
+
+    def __init__(self, script, vocab_size, output_start, output_end):
+        super().__init__(script, vocab_size)
+        self.output_start, self.output_end, self.at, self.in_output = output_start, output_end, 0, False
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        if kv_cache.pos == 0:
+            self.at, self.in_output = 0, False
+        else:
+            token = idx[0, 0].item()
+            self.seen.append(token)
+            if token == self.output_start or self.in_output:
+                self.in_output = token != self.output_end
+            elif token == self.script[self.at]:  # its own token came back: write the next one
+                self.at = min(self.at + 1, len(self.script) - 1)
+        kv_cache.advance(T)
+        logits = torch.zeros(B, T, self.vocab_size)
+        logits[:, -1, self.script[self.at]] = 10.0
+        return logits
+
+
+def test_multi_hop_answers_run_each_search_and_read_its_passages_unsupervised(tokenizer, tmp_path):
+    from nanochat.engine import TextStream
+    from nanochat.retrieval import KnowledgeBase, format_passages
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": t, "title": t, "text": text}) + "\n" for t, text in [
+        ("Orla Venn", "Orla Venn is a painter who was born in the harbour town of Kestrel Bay."),
+        ("Kestrel Bay", "Kestrel Bay is a harbour town whose mayor is Tomas Quill."),
+        ("Bread", "Bread is baked from flour, water, salt and yeast.")]))
+    kb = KnowledgeBase.build("people", [corpus], dense=False)
+    sp = tokenizer.encode_special
+    queries = ["search: where was Orla Venn born", "search: mayor of Kestrel Bay"]
+    script = [*tokenizer.encode("ok"), *[t for q in queries for t in (sp("<|python_start|>"), *tokenizer.encode(q),
+                                                                   sp("<|python_end|>"))],
+              *tokenizer.encode("Tomas Quill"), sp("<|assistant_end|>")]
+    engine = Engine(ToolUser(script, tokenizer.get_vocab_size(), sp("<|output_start|>"), sp("<|output_end|>")),
+                    tokenizer, kb, passages=2)
+    columns = list(engine.generate([tokenizer.get_bos_token_id()], max_tokens=400, temperature=0))
+    tokens, masks = [c[0] for c, _ in columns], [m[0] for _, m in columns]
+    assert tokens[-1] == sp("<|assistant_end|>")
+    # each search ran, in order, and its passages came back as forced tool output, never trained on
+    starts = [i for i, t in enumerate(tokens) if t == sp("<|output_start|>")]
+    ends = [i for i, t in enumerate(tokens) if t == sp("<|output_end|>")]
+    assert len(starts) == len(ends) == 2
+    for query, start, end in zip(queries, starts, ends):
+        passages = kb.search(query[len("search:"):].strip(), 2)
+        assert tokenizer.decode(tokens[start + 1:end]) == format_passages(passages)
+        assert set(masks[start:end + 1]) == {0}
+    assert sum(masks) == len(script)  # everything the model wrote, and only that, is trained on
+    stream = TextStream(tokenizer, engine.search)
+    shown = "".join(stream.push(t) for t in tokens[:-1])
+    assert shown == ("ok[search: where was Orla Venn born -> Orla Venn]"  # BM25 finds no other passage with its words
+                     "[search: mayor of Kestrel Bay -> Kestrel Bay; Orla Venn]Tomas Quill")
+    assert stream.searches == ["where was Orla Venn born", "mayor of Kestrel Bay"]
+    # without a knowledge base the model is told so, and goes on
+    engine = Engine(ToolUser(script, tokenizer.get_vocab_size(), sp("<|output_start|>"), sp("<|output_end|>")), tokenizer)
+    tokens = [c[0] for c, _ in engine.generate([tokenizer.get_bos_token_id()], max_tokens=400, temperature=0)]
+    assert tokenizer.decode(tokens).count("<|output_start|>no knowledge base is loaded<|output_end|>") == 2
 
 
 def test_kv_cache_prefill_replicates_rows():
