@@ -249,16 +249,20 @@ class KnowledgeBase:
         path = cls.folder(name)
         if not os.path.exists(os.path.join(path, "meta.json")):
             raise UserError(f"no knowledge base {name} at {path}: build it with python -m scripts.rag_index --kb {name} PATH...")
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        with open(os.path.join(path, "chunks.jsonl"), encoding="utf-8") as f:
-            passages = [Passage(**json.loads(line)) for line in f]
-        bm25 = bm25s.BM25.load(os.path.join(path, "bm25"))
-        embeddings = np.load(os.path.join(path, "dense.npy")) if meta["dense"] else None
+        damaged = f"knowledge base {name} at {path} is damaged or incomplete (an interrupted build?): remove it and " \
+                  "build it again"
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                meta = json.load(f)
+            with open(os.path.join(path, "chunks.jsonl"), encoding="utf-8") as f:
+                passages = [Passage(**json.loads(line)) for line in f]
+            bm25 = bm25s.BM25.load(os.path.join(path, "bm25"))
+            embeddings = np.load(os.path.join(path, "dense.npy")) if meta["dense"] else None
+        except (OSError, ValueError, TypeError, KeyError) as e:  # a missing or cut-off file; JSON errors are ValueErrors
+            raise UserError(f"{damaged} ({type(e).__name__}: {e})") from None
         counts = {len(passages), bm25.scores["num_docs"], meta["chunks"], *([] if embeddings is None else [len(embeddings)])}
         if len(counts) > 1:
-            raise UserError(f"knowledge base {name} at {path} is incomplete (an interrupted build?): remove it and build "
-                            "it again")
+            raise UserError(damaged)
         return cls(name, path, passages, meta, bm25, embeddings)
 
     @classmethod

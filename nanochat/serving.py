@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -164,18 +165,23 @@ def conversation(req):
     return messages
 
 
+def citation(query, passages):
+    """{"query", "passages": [{"id", "title", "text", "source"}]}: a source is named by its file (and row), without
+    the server's folders."""
+    return {"query": query, "passages": [{**dataclasses.asdict(p), "source": os.path.basename(p.source)} for p in passages]}
+
+
 def add_passages(messages, engine):
-    """Single-shot RAG: place the passages a search for the last user message finds before it. Returns the citation,
-    {"query", "passages": [{"id", "title", "text", "source"}]}."""
+    """Single-shot RAG: place the passages a search for the last user message finds before it. Returns its citation."""
     from nanochat.retrieval import with_passages
     i = max(i for i, m in enumerate(messages) if m["role"] == "user")
     query = messages[i]["content"]
     passages = engine.search(query)
     messages[i] = {**messages[i], "content": with_passages(query, passages)}
-    return {"query": query, "passages": [dataclasses.asdict(p) for p in passages]}
+    return citation(query, passages)
 
 
-def prepare(req, messages, tokenizer, model, defaults):
+def prepare(req, messages, tokenizer, model, defaults, conversation_is="the conversation is"):
     """Turn a valid request and its conversation(req) into (prompt tokens, sampling settings)."""
     from nanochat.engine import answer_budget
     sequence_len = model.config.sequence_len
@@ -184,7 +190,7 @@ def prepare(req, messages, tokenizer, model, defaults):
     except ValueError as e:
         raise RequestError(f"messages: {e}", "messages") from None
     if len(tokens) >= sequence_len:
-        raise RequestError(f"messages: the conversation is {len(tokens)} tokens, more than this model reads "
+        raise RequestError(f"messages: {conversation_is} {len(tokens)} tokens, more than this model reads "
                            f"({sequence_len}): start a new conversation", "messages")
     max_tokens = next((m for m in (req.max_tokens, req.max_completion_tokens) if m is not None), defaults["max_tokens"])
     max_tokens = answer_budget(model, len(tokens), max_tokens)
@@ -373,8 +379,7 @@ class Answer:
     def citations(self):
         """The searches shown since the last call, each {"query", "passages": [{"id", "title", "text", "source"}]}."""
         new, self.cited = self.text.searches[self.cited:], len(self.text.searches)
-        return [{"query": q, "passages": [dataclasses.asdict(p) for p in self.engine.search(q)]}
-                for q in new if self.engine.kb is not None]
+        return [citation(q, self.engine.search(q)) for q in new if self.engine.kb is not None]
 
 
 class Generation:

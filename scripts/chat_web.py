@@ -154,7 +154,8 @@ def create_app(workers, default_temperature=0.8, default_top_k=50, default_max_t
         messages = conversation(req)
         context = rag_mode == "context" and workers[0].engine.kb is not None
         citations = [await asyncio.to_thread(add_passages, messages, workers[0].engine)] if context else []
-        tokens, settings = prepare(req, messages, tokenizer, model, defaults)
+        tokens, settings = prepare(req, messages, tokenizer, model, defaults, "with the passages placed before its "
+                                   "question, the conversation is" if context else "the conversation is")
         worker = await pool.acquire(request)
         return Generation(pool, worker, tokens, settings, req.choices, req.stops, citations), worker, tokens
 

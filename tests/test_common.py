@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -136,3 +137,6 @@ def test_flag_minimums_and_folder_names():
     common.check_folder_name("--model-tag", "d20.v2_x-1")
     with pytest.raises(UserError, match=r"^--model-tag='runs/a' must be a plain folder name"):
         common.check_folder_name("--model-tag", "runs/a")
+    for name in (".", ".."):  # the folder itself, or the one above: never a folder of its own
+        with pytest.raises(UserError, match=f"^--kb='{re.escape(name)}' must be a plain folder name"):
+            common.check_folder_name("--kb", name)

@@ -2,6 +2,7 @@
 weights ship in its wheel), real files in tmp_path, every base under the test's own NANOCHAT_BASE_DIR."""
 
 import json
+import os
 import socket
 
 import pyarrow as pa
@@ -114,7 +115,11 @@ def test_an_index_survives_save_and_load(kb):
         lines = f.readlines()
     with open(chunks, "w") as f:
         f.writelines(lines[:-1])
-    with pytest.raises(UserError, match="^knowledge base test at .* is incomplete \\(an interrupted build\\?\\): remove it"):
+    damaged = "^knowledge base test at .* is damaged or incomplete \\(an interrupted build\\?\\): remove it and build it again"
+    with pytest.raises(UserError, match=damaged + "$"):
+        KnowledgeBase.load("test")
+    os.remove(f"{kb.path}/dense.npy")  # a file gone: the same line, naming what is missing
+    with pytest.raises(UserError, match=damaged + r" \(FileNotFoundError: .*dense.npy"):
         KnowledgeBase.load("test")
 
 
