@@ -394,6 +394,8 @@ def open_kb(args):
     if args.passages < 1:
         raise UserError(f"--passages={args.passages} must be at least 1")
     if args.kb is None:
+        if args.retriever != "bm25" or args.passages != 3:
+            raise UserError("--retriever and --passages choose how --kb is searched: give --kb NAME, or leave them out")
         return None
     kb = KnowledgeBase.load(args.kb)
     if args.retriever not in kb.retrievers:

@@ -320,3 +320,6 @@ def test_chat_scripts_open_the_base_their_flags_name(tmp_path):
         retrieval.open_kb(parser.parse_args(["--kb", "sparse", "--retriever", "hybrid"]))
     with pytest.raises(UserError, match="^--passages=0 must be at least 1$"):
         retrieval.open_kb(parser.parse_args(["--passages", "0"]))
+    for flags in (["--passages", "2"], ["--retriever", "dense"]):  # they would do nothing without a base
+        with pytest.raises(UserError, match="^--retriever and --passages choose how --kb is searched: give --kb NAME"):
+            retrieval.open_kb(parser.parse_args(flags))
