@@ -17,6 +17,7 @@ from nanochat.common import (Flags, UserError, check_minimums, compute_cleanup, 
                              print_result, run_cli)
 from nanochat.retrieval import add_kb_flags, open_kb
 from tasks.common import CHAT_TASKS
+from tasks.rag import settings
 
 
 def main(argv=None):
@@ -44,7 +45,7 @@ def main(argv=None):
         raise UserError("-n above 1 samples the same greedy answer every time: give a temperature (-t 1.0)")
 
     kb = open_kb(args)
-    rag = dict(dataset=args.rag_data, kb=kb, top_k=args.passages, retriever=args.retriever)
+    rag = settings(args, kb)
     from nanochat.checkpoint_manager import load_model
     from tasks.common import BASELINES, chat_task, chatcore, evaluate_chat_tasks
     for name in names:  # a RAG task's question file and knowledge base are checked before the model loads

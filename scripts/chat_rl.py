@@ -72,8 +72,8 @@ def main(argv=None):
     source_dir, _ = find_checkpoint(args.source, args.model_tag, args.model_step)
     kb = open_kb(args)
     if kb is not None:
-        from tasks.rag import RAGQA
-        rag = dict(dataset=args.rag_data, mode="search", kb=kb, top_k=args.passages, retriever=args.retriever)
+        from tasks.rag import RAGQA, settings
+        rag = dict(mode="search", **settings(args, kb))
         train_task, val_task = RAGQA(split="train", **rag), RAGQA(split="test", **rag)
     else:
         try:

@@ -29,8 +29,8 @@ STAGES = {  # stage -> (default source, checkpoint folder, wandb project)
 def rag_tasks(args, kb):
     """RAG SFT on knowledge base kb: (train, val) tasks that search it hop after hop, and answer from passages placed
     before the question (single-shot), over the --rag-data questions."""
-    from tasks.rag import RAGQA
-    common = dict(dataset=args.rag_data, kb=kb, top_k=args.passages, retriever=args.retriever)
+    from tasks.rag import RAGQA, settings
+    common = settings(args, kb)
     return ([RAGQA(split="train", mode="search", **common), RAGQA(split="train", mode="context", **common)],
             [RAGQA(split="test", mode="search", **common)])
 

@@ -135,6 +135,11 @@ def f1(prediction, answers):
     return best
 
 
+def settings(args, kb):
+    """RAGQA's dataset, kb, top_k and retriever, from the flags retrieval.add_kb_flags(questions=True) adds."""
+    return dict(dataset=args.rag_data, kb=kb, top_k=args.passages, retriever=args.retriever)
+
+
 class RAGQA(Task):
     """
     dataset/split name a file under task_data/rag/. kb (a retrieval.KnowledgeBase) is searched live, top_k passages
