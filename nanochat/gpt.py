@@ -8,6 +8,8 @@ The GPT model. Notable choices (the reasons, measured at d12-d24, are in the ref
 - sliding-window attention by pattern ("SSSL": 3 short, 1 long; the last attention layer is always long)
 - the sequence mixer by pattern: attention (A) or Mamba-2 (M, nanochat/mamba.py), e.g. "AAM"; every block keeps its MLP
 - logits soft-capped at 15, in fp32
+- hf_compatible: only what transformers' NanoChat model has (scripts/export_hf.py): no value embeddings, no 1.2
+  sharpening, and the residual/x0 scalars, smear and backout frozen where they do nothing
 Weights are fp32 masters; compute runs in the dtype passed in (bf16 where the hardware has it), by casting
 inside our Linear rather than through autocast.
 """
@@ -40,6 +42,7 @@ class GPTConfig:
     mamba3_trapezoidal: bool = False
     mamba3_rope: bool = False
     mamba3_bc_norm: bool = False
+    hf_compatible: bool = False  # see the module docstring; base_train --hf-compatible also makes every window L
 
 
 def norm(x):
@@ -113,6 +116,8 @@ def apply_rotary_emb(x, cos, sin):
 
 def has_ve(config, layer_idx):
     """Value embeddings on alternating attention layers, always including the last of them."""
+    if config.hf_compatible:
+        return False
     attention = [i for i, kind in enumerate(mixer_kinds(config)) if kind == "A"]
     return layer_idx in attention and attention.index(layer_idx) % 2 == (len(attention) - 1) % 2
 
@@ -195,6 +200,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.ve_gate = Linear(12, self.n_kv_head) if has_ve(config, layer_idx) else None
+        self.qk_gain = 1.0 if config.hf_compatible else 1.2
 
     @torch.no_grad()
     def init_weights(self, n_embd):
@@ -214,7 +220,7 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))  # (B, T, n_kv_head)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm, then sharper attention than 1/sqrt(d) alone
+        q, k = norm(q) * self.qk_gain, norm(k) * self.qk_gain  # QK-norm, then sharper attention than 1/sqrt(d) alone
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         offset = 0
         if kv_cache is not None:
@@ -284,6 +290,9 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(10 * config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        if config.hf_compatible:  # frozen (init_weights sets them to 1, 0, 0, 0): each term is then exactly a no-op
+            for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda):
+                p.requires_grad_(False)
 
     def _rotary_tables(self, seq_len, base=100_000, device=None):
         head_dim = self.config.n_embd // self.config.n_head
@@ -309,6 +318,10 @@ class GPT(nn.Module):
         self.smear_gate.weight.uniform_(0, 0.02)
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
+        if self.config.hf_compatible:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.zero_()
+            self.backout_lambda.zero_()
         self.cos, self.sin = self._rotary_tables(10 * self.config.sequence_len, device=self.cos.device)
         self.cast_embeddings()
 
@@ -456,7 +469,7 @@ class GPT(nn.Module):
 
 
 def build_model_config(depth, vocab_size, aspect_ratio=64, head_dim=128, max_seq_len=2048, window_pattern="SSSL",
-                       mixer_pattern="A", **mamba):
+                       mixer_pattern="A", hf_compatible=False, **mamba):
     """
     The depth dial: width = depth * aspect_ratio rounded up to a whole number of heads of head_dim. mamba: the
     GPTConfig fields of Mamba layers (mamba_d_state=..., mamba3_rope=...), where the defaults are not wanted.
@@ -464,4 +477,5 @@ def build_model_config(depth, vocab_size, aspect_ratio=64, head_dim=128, max_seq
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
-                     n_embd=model_dim, window_pattern=window_pattern, mixer_pattern=mixer_pattern, **mamba)
+                     n_embd=model_dim, window_pattern=window_pattern, mixer_pattern=mixer_pattern, hf_compatible=hf_compatible,
+                     **mamba)

@@ -28,8 +28,11 @@ def parse_args(argv):
     p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio (rounded to heads)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--window-pattern", default="SSSL", help="S = attend to a quarter of the context, L = all of it; tiled over attention layers, the last always L")
+    p.add_argument("--window-pattern", default=None, help="S = attend to a quarter of the context, L = all of it; tiled "
+                   "over attention layers, the last always L (default SSSL; L with --hf-compatible)")
     p.add_argument("--mixer-pattern", default="A", help="each layer's sequence mixer, tiled over layers: A = attention, M = Mamba-2 (e.g. AAM)")
+    p.add_argument("--hf-compatible", action="store_true", help="only what transformers' NanoChat model has, so that "
+                   "scripts.export_hf can export it: no value embeddings, smear, backout or layer scalars; full windows")
     p.add_argument("--mamba-d-state", type=int, default=64, help="Mamba state size N")
     p.add_argument("--mamba-headdim", type=int, default=64, help="Mamba head size P; must divide expand x width")
     p.add_argument("--mamba-expand", type=int, default=2, help="Mamba inner width = expand x model width")
@@ -77,11 +80,16 @@ def parse_args(argv):
         p.error("--warmdown-ratio must be between 0 and 1")
     if args.head_dim % 2:
         p.error(f"--head-dim={args.head_dim} must be even: rotary embeddings turn pairs of dimensions")
+    if args.window_pattern is None:
+        args.window_pattern = "L" if args.hf_compatible else "SSSL"
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
         p.error(f"--window-pattern={args.window_pattern!r} must be a string of S and L, like SSSL")
     from nanochat.gpt import MIXERS
     if not args.mixer_pattern or set(args.mixer_pattern.upper()) - set(MIXERS):
         p.error(f"--mixer-pattern={args.mixer_pattern!r} must be a string of A (attention) and M (Mamba), like AAM")
+    if args.hf_compatible and ("S" in args.window_pattern.upper() or "M" in args.mixer_pattern.upper()):
+        p.error("--hf-compatible models attend to the whole context in every layer: drop --window-pattern (S) and "
+                "--mixer-pattern (M)")
     if "M" in args.mixer_pattern.upper():
         from nanochat.mamba import sizes
         try:
@@ -97,7 +105,7 @@ def model_config(args, depth, vocab_size):
                               args.mixer_pattern.upper(), mamba_d_state=args.mamba_d_state, mamba_headdim=args.mamba_headdim,
                               mamba_expand=args.mamba_expand, mamba_chunk=args.mamba_chunk,
                               mamba3_trapezoidal=args.mamba3_trapezoidal, mamba3_rope=args.mamba3_rope,
-                              mamba3_bc_norm=args.mamba3_bc_norm)
+                              mamba3_bc_norm=args.mamba3_bc_norm, hf_compatible=args.hf_compatible)
 
 
 def scaling_params(model):

@@ -19,6 +19,11 @@ TINY = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "
 
 @pytest.fixture
 def workspace(base_dir, tokenizer):
+    return make_workspace(base_dir, tokenizer)
+
+
+def make_workspace(base_dir, tokenizer):
+    """Three shards of pretraining data and the tokenizer, as dataset.py and tok_train leave them."""
     data = base_dir / "base_data_climbmix"
     data.mkdir(parents=True)
     docs = make_docs(900, seed=21, max_words=120)

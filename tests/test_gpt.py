@@ -17,8 +17,10 @@ def tiny_model(seed=0, perturb=True, **overrides):
     if perturb:
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-            model.smear_lambda.fill_(0.7)
+                if p.requires_grad:  # an hf_compatible model's frozen scalars stay where they do nothing
+                    p.add_(torch.randn_like(p) * 0.05)
+            if model.smear_lambda.requires_grad:
+                model.smear_lambda.fill_(0.7)
     return model
 
 
