@@ -160,6 +160,12 @@ def checkpoints_root(source):
     return os.path.join(get_base_dir(), SOURCES[source])
 
 
+def largest_tag(tags):
+    """The deepest d<N> tag (d26 over d20 over d8; other names rank below them, by name): the default tag."""
+    depth = lambda t: int(t[1:]) if re.fullmatch(r"d\d+", t) else -1
+    return max(tags, key=lambda t: (depth(t), t))
+
+
 def find_checkpoint(source, model_tag=None, step=None):
     """(checkpoint_dir, step): the largest d<N> tag and its last step unless given; one clear error otherwise."""
     root = checkpoints_root(source)
@@ -169,8 +175,7 @@ def find_checkpoint(source, model_tag=None, step=None):
     if not tags:
         raise UserError(f"no {source} checkpoints in {root}: {how}")
     if model_tag is None:
-        depth = lambda t: int(t[1:]) if re.fullmatch(r"d\d+", t) else -1
-        model_tag = max(tags, key=lambda t: (depth(t), t))
+        model_tag = largest_tag(tags)
     elif model_tag not in tags:
         raise UserError(f"no {source} checkpoint tagged {model_tag!r} in {root} (found: {', '.join(tags)})")
     checkpoint_dir = os.path.join(root, model_tag)

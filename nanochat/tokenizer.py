@@ -37,6 +37,16 @@ def check_vocab_size(vocab_size):
                         "32-bit; GPT-4's vocabulary is ~100K)")
 
 
+class EncodingUnpickler(pickle.Unpickler):
+    """Loads a pickled tiktoken Encoding and nothing else: a plain pickle.load runs whatever code a tokenizer.pkl from
+    the Hub names. An Encoding pickles as its class plus a dict of str/bytes/int (see pickletools.dis on a saved one)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a tokenizer.pkl holds only a tiktoken Encoding")
+
+
 class RustBPETokenizer:
     """A tiktoken Encoding with nanochat's special tokens appended after the BPE ranks."""
 
@@ -63,7 +73,7 @@ class RustBPETokenizer:
             raise UserError(f"no tokenizer at {path}: run python -m scripts.tok_train first")
         try:
             with open(path, "rb") as f:
-                return cls(pickle.load(f))
+                return cls(EncodingUnpickler(f).load())
         except Exception as e:  # a truncated or foreign pickle fails in many ways
             raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}): it is damaged or incomplete; "
                             "retrain it with python -m scripts.tok_train (then retrain the models, which depend on it)") from None

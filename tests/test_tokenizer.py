@@ -140,6 +140,20 @@ def test_save_load_and_token_bytes(tokenizer, base_dir):
     assert token_bytes[loaded.get_bos_token_id()] == 0 and token_bytes.dtype == torch.int32
 
 
+def test_a_tokenizer_pickle_that_names_code_is_refused_without_running(tmp_path):
+    import os
+    import pickle
+
+    class Exploit:  # what a malicious tokenizer.pkl on the Hub would hold: "call os.system(...)" when unpickled
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(UserError, match=r"^.*tokenizer.pkl cannot be read \(UnpicklingError: refusing to load posix.system"):
+        RustBPETokenizer.from_directory(str(tmp_path))
+    assert not (tmp_path / "ran").exists()
+
+
 def test_missing_tokenizer_says_how_to_make_one():
     with pytest.raises(UserError, match="run python -m scripts.tok_train first"):
         get_tokenizer()
