@@ -106,15 +106,31 @@ def _choose_compute_dtype(device_type):
 # Dense bf16 tensor-core peak FLOP/s by GPU name, for MFU. Unknown devices (and CPUs) report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
               "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Peak memory bandwidth in bytes/s by GPU name (the vendors' datasheets), for inference's MBU. "H100" is the SXM part
+# (torch names it "H100 80GB HBM3"), "A100" the 40GB parts. Unknown devices (and CPUs) report no MBU.
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "B200": 8e12,
+                  "A100": 1.555e12, "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "L40S": 0.864e12,
+                  "A10G": 0.6e12, "L4": 0.3e12, "RTX 4090": 1.008e12, "RTX 3090": 0.936e12}
+
+
+def lookup_gpu(table, name):
+    """The entry for the longest key that is a whole word of the GPU's name ("L4" is not "L40S", "H200" not "GH200")."""
+    matches = [k for k in table if re.search(rf"(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])", name)]
+    return table[max(matches, key=len)] if matches else None
 
 
 def get_peak_flops(device):
     if device.type != "cuda":
         return None
     import torch
-    name = torch.cuda.get_device_name(device)
-    matches = [k for k in PEAK_FLOPS if k in name]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+    return lookup_gpu(PEAK_FLOPS, torch.cuda.get_device_name(device))
+
+
+def get_peak_bandwidth(device):
+    if device.type != "cuda":
+        return None
+    import torch
+    return lookup_gpu(PEAK_BANDWIDTH, torch.cuda.get_device_name(device))
 
 
 def peak_memory_mib(device):
