@@ -4,6 +4,7 @@ Random tokens, so no data or tokenizer is needed; the step is the real one (forw
 
     python -m dev.bench_train --depth=20 --device-batch-size=32             # one GPU
     python -m dev.bench_train --depth=4 --head-dim=64 --max-seq-len=256 --device-batch-size=8 --vocab-size=4096  # a CPU
+    python -m dev.bench_train ... --activation-checkpointing   # (memory is the process's peak on a CPU: one run each)
 """
 
 import time
@@ -23,6 +24,7 @@ def main(argv=None):
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warmup steps")
     p.add_argument("--compile", choices=["0", "1"], default="1")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass")
     p.add_argument("--device-type", default="")
     args = p.parse_args(argv)
     import torch
@@ -37,6 +39,7 @@ def main(argv=None):
     model.to_empty(device=device)
     model.init_weights()
     optimizer = model.setup_optimizer()
+    model.activation_checkpointing = args.activation_checkpointing
     step_model = torch.compile(model, dynamic=False) if args.compile == "1" else model
     B, T = args.device_batch_size, args.max_seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
@@ -65,7 +68,7 @@ def main(argv=None):
            f"{tok_per_sec:,.0f} tok/s, MFU {f'{mfu:.1f}%' if mfu else 'n/a'}, peak memory {peak_memory_mib(device):,.0f} MiB "
            f"(warmup {warmup:.1f}s)")
     print_result("bench_train", depth=args.depth, params=params, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                 compiled=args.compile == "1", device_batch_size=B, max_seq_len=T, ms_per_step=round(dt * 1000, 2),
+                 compiled=args.compile == "1", activation_checkpointing=args.activation_checkpointing, device_batch_size=B, max_seq_len=T, ms_per_step=round(dt * 1000, 2),
                  tok_per_sec=round(tok_per_sec), mfu=mfu, peak_memory_mib=round(peak_memory_mib(device)), warmup_seconds=round(warmup, 1))
     compute_cleanup()
 

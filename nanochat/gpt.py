@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanochat.mamba import Mamba2, scan_flops
 
@@ -290,6 +291,7 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(10 * config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.activation_checkpointing = False  # the training scripts' --activation-checkpointing (see forward)
         if config.hf_compatible:  # frozen (init_weights sets them to 1, 0, 0, 0): each term is then exactly a no-op
             for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda):
                 p.requires_grad_(False)
@@ -363,7 +365,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], kv_cache)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only the block's input: its insides are recomputed in the backward pass (memory for compute)
+                x = checkpoint(block, x, ve, cos, sin, self.windows[i], kv_cache, use_reentrant=False)
+            else:
+                x = block(x, ve, cos, sin, self.windows[i], kv_cache)
             if i == self.config.n_layer // 2:
                 x_backout = x
         if kv_cache is not None:

@@ -67,6 +67,8 @@ def parse_args(argv):
     p.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end (-1 = never)")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass: "
+                   "only each block's input is kept, for one more forward pass of every block")
     p.add_argument("--compile", choices=["auto", "0", "1"], default="auto",
                    help="torch.compile the model (auto: on CUDA, and on CPU for runs of 500+ steps)")
     args = p.parse_args(argv)
@@ -237,6 +239,7 @@ def main(argv=None):
         optimizer.load_state_dict(resume[0])
     scaler = LossScaler(dtype, device.type)
 
+    model.activation_checkpointing = args.activation_checkpointing
     orig_model = model  # uncompiled: saving, CORE and sampling, where shapes vary
     use_compile = args.compile == "1" or (args.compile == "auto" and (device.type == "cuda" or
                                           (device.type == "cpu" and num_iterations >= 500)))

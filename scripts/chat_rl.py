@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--examples-per-step", type=int, default=16, help="problems per step, across all processes")
     p.add_argument("--num-samples", type=int, default=16, help="answers sampled per problem (the group)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass "
+                   "(less memory, one more forward pass of every block)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--embedding-lr", type=float, default=0.2)
@@ -90,6 +92,7 @@ def main(argv=None):
     dtype = get_compute_dtype(device.type)[0]
     model, tokenizer, _ = load_model(args.source, device, dtype, phase="train",
                                      model_tag=args.model_tag, step=args.model_step)
+    model.activation_checkpointing = args.activation_checkpointing  # the policy-gradient passes; sampling has no grad
     engine = Engine(model, tokenizer, kb, args.retriever, args.passages)
     examples_per_rank = args.examples_per_step // world_size
     search_call = "<|python_start|>" + SEARCH  # how a search shows in a decoded answer

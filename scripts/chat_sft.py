@@ -82,6 +82,8 @@ def parse_args(argv, stage):
     p.add_argument("--load-optimizer", type=int, default=0 if mid else 1,
                    help="start from the source's optimizer momenta (1) or not (0)")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass "
+                   "(less memory, one more forward pass of every block)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the source's")
     p.add_argument("--device-batch-size", type=int, default=None, help="default: the source's")
     p.add_argument("--total-batch-size", type=int, default=None, help="default: the source's")
@@ -153,6 +155,7 @@ def main(argv=None, stage="sft"):
     dtype = get_compute_dtype(device.type)[0]
     model, tokenizer, source_meta = load_model(args.source, device, dtype, phase="train", model_tag=args.model_tag,
                                                step=args.model_step)
+    model.activation_checkpointing = args.activation_checkpointing
     source_dir, source_step = find_checkpoint(args.source, args.model_tag, args.model_step)
     inherited = source_meta.get("user_config", {})
     inherit = lambda flag, key, default: flag if flag is not None else source_meta.get(key, default)

@@ -195,3 +195,16 @@ def test_batch_and_weight_decay_come_from_the_model_not_the_horizon(workspace, c
 
     plain, budget = dial("--num-iterations=1"), dial("--num-iterations=1", "--target-flops=1e15")
     assert plain[0].startswith("batch: 65,536 tokens") and len(plain) == 3 and plain == budget
+
+
+def test_activation_checkpointing_trains_the_same(workspace, capsys, monkeypatch):
+    """Recomputing each block in the backward pass changes memory, not the math: the same losses step by step, and
+    the same val bpb at the end."""
+    from scripts import base_train
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    losses = []
+    for extra in ([], ["--activation-checkpointing"]):
+        base_train.main([*TINY, "--num-iterations=3", "--eval-every=-1", "--model-tag=ac", *extra])
+        out = capsys.readouterr().out
+        losses.append([line.split(" | ")[1] for line in out.splitlines() if line.startswith("step ")])
+    assert [part.split(":")[0] for part in losses[0]] == ["loss"] * 3 + ["val bpb"] and losses[1] == losses[0]

@@ -50,10 +50,11 @@ def test_mid_sft_rl_eval_offline(base_dir, tokenizer):
     mid = run(base_dir, "scripts.mid_train", "--data=offline", "--num-iterations=3")  # default --eval-tokens: one pass
     assert mid["stage"] == "mid_train" and mid["step"] == 3 and mid["checkpoint_dir"].endswith("mid_checkpoints/d4")
     assert 0 < mid["val_tokens"] < 600 * 128  # the offline val set: 600 conversations, each cut to a 128-token row
-    sft = run(base_dir, "scripts.chat_sft", "--data=offline", "--num-iterations=3", "--eval-tokens=512")
+    sft = run(base_dir, "scripts.chat_sft", "--data=offline", "--num-iterations=3", "--eval-tokens=512",
+              "--activation-checkpointing")
     assert sft["stage"] == "chat_sft" and sft["checkpoint_dir"].endswith("chatsft_checkpoints/d4")
     assert sft["train_loss"] == sft["train_loss"]  # not NaN
-    rl = run(base_dir, "scripts.chat_rl", "--data=offline", "--num-steps=2", "--examples-per-step=2", "--num-samples=2",
+    rl = run(base_dir, "scripts.chat_rl", "--data=offline", "--num-steps=2", "--activation-checkpointing", "--examples-per-step=2", "--num-samples=2",
              "--device-batch-size=2", "--max-new-tokens=16", "--eval-every=2", "--eval-examples=2")
     assert rl["stage"] == "chat_rl" and rl["steps"] == 2 and len(rl["pass_at_k"]) == 2
     assert cm.checkpoint_steps(rl["checkpoint_dir"]) == [2]

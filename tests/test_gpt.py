@@ -190,3 +190,21 @@ def test_fp8_linear_tracks_the_bf16_one():
     assert fp8.weight.grad.dtype == torch.float32
     fp8.eval()  # evaluation and sampling use the exact path
     assert torch.equal(fp8(x), exact(x))
+
+
+@pytest.mark.parametrize("mixers", ["A", "AM"])
+def test_activation_checkpointing_gives_the_same_gradients(mixers):
+    model = tiny_model(mixer_pattern=mixers, mamba_headdim=16, mamba_d_state=16, mamba_chunk=8)
+    idx = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    grads, calls, mlp = [], [], model.transformer.h[1].mlp
+    mlp.forward = lambda x, forward=mlp.forward: calls.append(1) or forward(x)  # (a recompute fires no hooks)
+    for on in (False, True):
+        model.activation_checkpointing = on
+        model.zero_grad()
+        calls.clear()
+        model(idx, targets=idx.roll(-1, 1)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert len(calls) == (2 if on else 1)  # with it on, the backward pass ran the block again
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6, msg=name)
