@@ -183,9 +183,39 @@ def compute_init(device_type=""):
     else:
         device = torch.device(device_type)
     setup_logging(rank)
+    if ddp and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size:  # more than one machine
+        check_shared_base_dir(rank, device)
     dtype, reason = get_compute_dtype(device_type)
     print0(f"device: {device} | world size: {world_size} | compute dtype: {dtype} ({reason})")
     return ddp, rank, local_rank, world_size, device
+
+
+def check_shared_base_dir(rank, device):
+    """
+    A run over several machines needs one NANOCHAT_BASE_DIR that all of them see (NFS, Lustre, ...): rank 0 alone
+    writes each checkpoint's model and meta, every rank its optimizer shard, and a resume reads them all. Rank 0
+    leaves a marker there; every rank looks for it, and all agree on the answer before any work starts.
+    """
+    import secrets
+
+    import torch
+    import torch.distributed as dist
+    base = get_base_dir()
+    name = [f".rank0-{secrets.token_hex(8)}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    marker = os.path.join(base, name[0])
+    if rank == 0:
+        os.makedirs(base, exist_ok=True)
+        open(marker, "w").close()
+    dist.barrier()
+    seen = torch.tensor([os.path.exists(marker)], dtype=torch.int32, device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    dist.barrier()
+    if rank == 0:
+        os.remove(marker)
+    if not seen.item():
+        raise UserError(f"this run spans several machines, but not all of them see rank 0's NANOCHAT_BASE_DIR ({base}): "
+                        "put it on a filesystem every machine mounts at the same path (checkpoints and resumes need it)")
 
 
 def compute_cleanup():

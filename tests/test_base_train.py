@@ -48,6 +48,30 @@ def run(module, *args, nproc=1, expect_ok=True, dtype="float32"):
     return proc
 
 
+def run_on_two_machines(module, *args, base_dirs=None, expect_ok=True):
+    """
+    Two torchrun launches, one process each, as on two machines (--nnodes=2): they meet at a c10d rendezvous on
+    127.0.0.1. base_dirs: each machine's NANOCHAT_BASE_DIR (default: the test's, shared). Returns the launch whose
+    process became rank 0 (the rendezvous, not --node-rank, decides which), or both stderrs when expect_ok is False.
+    """
+    from test_chat_web import free_port
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DTYPE"}  # the dtype as users get it: rank 0 decides
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={i}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=test", "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                              env={**env, "OMP_NUM_THREADS": "1", **({"NANOCHAT_BASE_DIR": base_dirs[i]} if base_dirs else {})})
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert (p.returncode == 0) == expect_ok, out[-3000:] + err[-3000:]
+    if not expect_ok:
+        return [err for _, err in outs]
+    first = next(i for i, (out, _) in enumerate(outs) if out.strip().startswith("{") or '"stage"' in out)
+    return subprocess.CompletedProcess(procs[first].args, 0, *outs[first])
+
+
 def result(proc):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -107,11 +131,13 @@ def test_train_resume_and_evaluate(workspace, tokenizer, monkeypatch):
     assert rows[0] == ["Task", "Accuracy", "Centered"] and rows[-1][0] == "CORE"
 
 
-def test_two_processes_train_and_resume_exactly(workspace, monkeypatch):
-    """With NANOCHAT_DTYPE unset, as users run it: the dtype comes from the hardware, and rank 0 decides for both."""
+def test_two_machines_train_and_resume_exactly(workspace, monkeypatch):
+    """Two launches meeting at a rendezvous, as on two machines sharing NANOCHAT_BASE_DIR; with NANOCHAT_DTYPE unset,
+    as users run it: the dtype comes from the hardware, and rank 0 decides for both. (--standalone, one launch of
+    several processes, is what tests/test_distributed.py and test_optimizers.py run.)"""
     from nanochat.common import get_compute_dtype
     args = [*TINY, "--num-iterations=4", "--save-every=2", "--eval-every=-1", "--model-tag=ddp"]
-    full = run("scripts.base_train", *args, nproc=2, dtype=None)
+    full = run_on_two_machines("scripts.base_train", *args)
     out = result(full)
     assert out["world_size"] == 2 and out["total_batch_size"] == 512  # one micro-step per rank: 2 x 4 x 64
     meta = json.loads((workspace / "base_checkpoints" / "ddp" / "meta_000002.json").read_text())
@@ -122,9 +148,18 @@ def test_two_processes_train_and_resume_exactly(workspace, monkeypatch):
     states = meta["dataloader_state_dicts"]
     assert [s["rank"] for s in states] == [0, 1]
     assert sorted(os.listdir(workspace / "base_checkpoints" / "ddp"))[:2] == ["meta_000002.json", "meta_000004.json"]
-    resumed = run("scripts.base_train", *args, "--resume-from-step=2", nproc=2, dtype=None)
+    resumed = run_on_two_machines("scripts.base_train", *args, "--resume-from-step=2")
     assert step_lines(resumed) == step_lines(full)[2:]
     assert result(resumed)["val_bpb"] == out["val_bpb"]
+
+
+def test_machines_that_do_not_share_the_base_dir_are_one_line(workspace, tmp_path):
+    errors = run_on_two_machines("scripts.base_train", *TINY, base_dirs=[str(workspace), str(tmp_path / "other")],
+                                 expect_ok=False)
+    for err in errors:  # every rank agrees, before any work
+        line = next(line for line in err.splitlines() if line.startswith("error: "))
+        assert line.startswith("error: this run spans several machines, but not all of them see rank 0's "
+                               "NANOCHAT_BASE_DIR") and "Traceback" not in err.split(line)[0]
 
 
 def error_line(proc):
