@@ -88,6 +88,8 @@ def _read_json(path):
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, world_size=1, step_flag="--step"):
+    """(model state, optimizer state, meta). The optimizer state is this rank's shard, or, when the checkpoint was
+    saved by another number of processes, the list of all shards (MuonAdamW.load_state_dict reshards them)."""
     steps = checkpoint_steps(checkpoint_dir)
     if step not in steps:
         raise UserError(f"{checkpoint_dir} has no step {step}: pick one with {step_flag} "
@@ -107,10 +109,11 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
         if saved_by == 0:
             raise UserError(f"{checkpoint_dir} step {step} has no optimizer state (no optim_{step:06d}_rank*.pt): "
                             f"it cannot be resumed exactly; pick another step with {step_flag}")
-        if saved_by != world_size:
-            raise UserError(f"the optimizer state of {checkpoint_dir} step {step} was saved by {saved_by} processes, "
-                            f"this run has {world_size}: use {saved_by} (its shards cannot be split differently)")
-        optimizer_state = read(f"optim_{step:06d}_rank{rank}.pt", torch_load)
+        if saved_by == world_size:
+            optimizer_state = read(f"optim_{step:06d}_rank{rank}.pt", torch_load)
+        else:  # every shard, for MuonAdamW.load_state_dict to put together and cut for this run's size
+            cpu_load = lambda path: torch.load(path, map_location="cpu")
+            optimizer_state = [read(f"optim_{step:06d}_rank{r}.pt", cpu_load) for r in range(saved_by)]
     return model_state, optimizer_state, meta
 
 

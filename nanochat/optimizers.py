@@ -4,8 +4,8 @@ One optimizer for the whole model, and the training schedules.
 MuonAdamW runs AdamW on the embeddings, the head and the scalars, and Muon on the matrices inside the blocks
 (stacked by shape, so each shape is one batched update). It also does the gradient synchronisation, so there is no
 DDP wrapper: per parameter it reduce-scatters the gradient, updates the slice this rank owns, and all-gathers the
-result (ZeRO-2: each rank keeps optimizer state for its slice only). Small tensors are all-reduced and updated
-everywhere. The same code runs on 1 rank (no communication), on N GPUs with NCCL and on N CPU processes with gloo.
+result (ZeRO-2: each rank keeps optimizer state for its slice only; reshard() recuts it for another number of
+ranks). Small tensors are all-reduced and updated everywhere. The same code runs on 1 rank (no communication), on N GPUs with NCCL and on N CPU processes with gloo.
 """
 
 import math
@@ -72,6 +72,11 @@ def muon_update(p, g, momentum_buffer, second_moment, lr, momentum, beta2, weigh
     p.sub_(lr * update + lr * weight_decay * p * mask)
 
 
+def _row_sharded(p, world):
+    """Whether an AdamW parameter's state is split by rows across ranks (large, evenly divisible), or kept whole."""
+    return world > 1 and p.numel() >= 1024 and p.size(0) % world == 0
+
+
 def _dist_info():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -92,6 +97,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError("a muon group must hold parameters of a single shape")
 
     def load_state_dict(self, state_dict):
+        """This rank's own state, or the list of every rank's state from a run of another size (then resharded)."""
+        if isinstance(state_dict, list):
+            state_dict = self.reshard(state_dict, *_dist_info())
         super().load_state_dict(state_dict)
         # torch casts loaded state to each parameter's dtype; our AdamW moments stay fp32 even for bf16 embeddings
         params = [p for group in self.param_groups for p in group["params"]]
@@ -99,6 +107,36 @@ class MuonAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
                     self.state[params[index]][key] = saved[key].to(device=params[index].device, dtype=torch.float32)
+
+    def reshard(self, shards, rank, world):
+        """
+        The state rank `rank` of `world` would hold, from shards: every rank's state_dict of a run of len(shards)
+        ranks, in rank order. Each tensor is put back together whole, then cut as step() cuts it for this size:
+        AdamW moments of large parameters by rows, Muon's buffers by whole matrices of each shape group (padded to
+        a multiple of the ranks).
+        """
+        saved_world, state = len(shards), {}
+        index = 0
+        for group in self.param_groups:
+            params = group["params"]
+            for i, p in enumerate(params, start=index):
+                saved = [shard["state"].get(i) for shard in shards]
+                if saved[0] is None or (group["kind"] == "muon" and i != index):
+                    continue  # no state yet (a frozen parameter); Muon keeps a group's state with its first parameter
+                if group["kind"] == "adamw":
+                    whole = lambda key: (torch.cat([s[key] for s in saved]) if _row_sharded(p, saved_world)
+                                         else saved[0][key])
+                    split = lambda full: full.chunk(world)[rank].clone() if _row_sharded(p, world) else full
+                else:
+                    K = len(params)
+                    chunk = -(-K // world)
+                    padded = lambda full: torch.cat([full, full.new_zeros((chunk * world - K, *full.shape[1:]))])
+                    split = lambda full: full if world == 1 else padded(full)[rank * chunk:(rank + 1) * chunk].clone()
+                    whole = lambda key: torch.cat([s[key] for s in saved])[:K]
+                state[i] = {key: split(whole(key)) if torch.is_tensor(value) and value.dim() > 0 else value
+                            for key, value in saved[0].items()}
+            index += len(params)
+        return {"state": state, "param_groups": shards[0]["param_groups"]}
 
     def _adamw(self, group, key, p, grad):
         state = self.state[key]
@@ -132,7 +170,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         continue
                     if world == 1:
                         jobs.append(("adamw", group, p, p.grad, None))
-                    elif p.numel() < 1024 or p.size(0) % world:
+                    elif not _row_sharded(p, world):
                         jobs.append(("adamw", group, p, p.grad, dist.all_reduce(p.grad, async_op=True)))
                     else:
                         shard = p.grad.new_empty((p.size(0) // world, *p.shape[1:]))

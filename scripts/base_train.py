@@ -155,7 +155,7 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_stage
+    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, optimizer_shard_count, save_stage
     from nanochat.dataloader import tokenizing_distributed_data_loader
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8, mixer_kinds
@@ -189,6 +189,11 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     resume = None
     if args.resume_from_step >= 0:
+        saved_by = optimizer_shard_count(checkpoint_dir, args.resume_from_step)
+        if saved_by not in (0, world_size):  # (none: load_checkpoint says so)
+            raise UserError(f"{checkpoint_dir} step {args.resume_from_step} was saved by {saved_by} processes, this run "
+                            f"has {world_size}: resume with {saved_by} (the data loaders' positions cannot be split "
+                            "differently yet; the optimizer state could)")
         model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True,
                                                          rank=rank, world_size=world_size, step_flag="--resume-from-step")
         check_tokenizer(meta, tokenizer, checkpoint_dir)

@@ -122,9 +122,7 @@ def load_momenta(optimizer, source_dir, source_step, device, rank, world_size):
         print0("the source has no optimizer state: starting the optimizer fresh")
         return
     if saved_by != world_size:
-        print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: "
-               "starting the optimizer fresh (or run with as many processes)")
-        return
+        print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: resharding it")
     try:
         _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
                                             world_size=world_size)

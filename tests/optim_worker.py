@@ -1,7 +1,7 @@
 """
 Three optimizer steps of a tiny model on fixed data, then MuonAdamW alone on uneven matrix counts; saves the
-resulting weights of both. Run plainly (1 process, the two micro-batches accumulated) or under torchrun with
-2 processes (one micro-batch each, gradients synced by MuonAdamW).
+resulting weights of both, and every rank's optimizer state of the first. Run plainly (1 process, the two
+micro-batches accumulated) or under torchrun with 2 processes (one micro-batch each, gradients synced by MuonAdamW).
 """
 
 import sys
@@ -50,12 +50,18 @@ def model_run(ddp, rank):
     muon_state = [s["momentum_buffer"].shape[0] for s in optimizer.state.values() if "momentum_buffer" in s]
     adam_rows = optimizer.state[model.lm_head.weight]["exp_avg"].shape[0]
     print(f"rank {rank}: muon matrices owned {sum(muon_state)}, lm_head adam rows {adam_rows}", flush=True)
-    return model.state_dict()
+    return model.state_dict(), optimizer.state_dict()
 
 
 if __name__ == "__main__":
     ddp, rank = compute_init("cpu")[:2]
-    result = dict(model=model_run(ddp, rank), uneven=uneven_run())
+    model_state, optimizer_state = model_run(ddp, rank)
+    optimizer_states = [optimizer_state]
+    if ddp:
+        import torch.distributed as dist
+        optimizer_states = [None] * dist.get_world_size()
+        dist.all_gather_object(optimizer_states, optimizer_state)
+    result = dict(model=model_state, optimizer=optimizer_states, uneven=uneven_run())
     if rank == 0:
         torch.save(result, sys.argv[1])
     compute_cleanup()

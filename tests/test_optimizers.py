@@ -95,6 +95,32 @@ def test_two_gloo_processes_give_one_process_bits_where_the_matrix_counts_do_not
         assert torch.equal(x, y), i
 
 
+def test_optimizer_state_reshards_to_any_number_of_processes(gloo_runs):
+    """What 2 processes saved, put together for 1, is what 1 process has; cut for 2, what each of the 2 had; and
+    2 -> 4 -> 3 -> 1 loses nothing."""
+    from test_gpt import tiny_model
+    (_, one), (_, two) = gloo_runs
+    # the worker's model, by shape: 2 layers, n_embd 64, vocab 300 (padded to 320) -> the same parameter groups
+    model = tiny_model(sequence_len=32, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    optimizer = model.setup_optimizer(weight_decay=0.1)
+    [single], pair = one["optimizer"], two["optimizer"]
+
+    def assert_same(a, b, atol):
+        assert a["state"].keys() == b["state"].keys() and len(a["state"]) > 10
+        for i in a["state"]:
+            for key, value in a["state"][i].items():
+                other = b["state"][i][key]
+                assert (torch.allclose(value, other, atol=atol) if torch.is_tensor(value) else value == other), (i, key)
+
+    assert_same(optimizer.reshard(pair, 0, 1), single, atol=2e-5)  # 1 vs 2 processes: float sums in another order
+    for rank in range(2):
+        assert_same(optimizer.reshard([single], rank, 2), pair[rank], atol=2e-5)
+    four = [optimizer.reshard(pair, rank, 4) for rank in range(4)]
+    three = [optimizer.reshard(four, rank, 3) for rank in range(3)]
+    assert_same(optimizer.reshard(three, 0, 1), optimizer.reshard(pair, 0, 1), atol=0)
+    assert four[3]["state"][0]["exp_avg"].shape[0] == 320 // 4  # lm_head's AdamW moments: rows 240-319
+
+
 def test_fp16_training_scales_its_loss_and_skips_overflowing_steps():
     """The scaler base_train, SFT/mid and RL share: fp16 trains through GradScaler (a step with an inf gradient is
     skipped and the scale halves); other dtypes step plainly."""
