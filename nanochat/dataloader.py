@@ -8,6 +8,7 @@ plain greedy cropping). Rank r reads row groups r, r+W, r+2W... so ranks never s
 
 Resume is exact: the state yielded with each batch holds the reading position and the identities of the buffered
 documents, and a loader started from it yields exactly the batches an uninterrupted loader would have yielded next.
+With another number of ranks, resplit_states restarts every rank from where the least advanced one was.
 """
 
 import bisect
@@ -101,6 +102,20 @@ def _check_position(files, position, world_size):
         raise UserError(STATE_MISMATCH)
 
 
+def resplit_states(states, world_size):
+    """
+    Loader states for world_size ranks from the states of a run with another number of ranks (one per rank, in
+    rank order): every new rank starts at the block of row groups the least advanced old rank was reading (a block:
+    row groups b*W .. b*W+W-1 of one shard, W the old world size), rank r at row group b*W + r, then every
+    world_size-th. Nothing after that point is skipped; what the other old ranks had read beyond it is read again,
+    and their buffered documents are dropped (at most a buffer and a block of row groups per old rank).
+    """
+    old_world = len(states)
+    epoch, pq_idx, block = min((s["epoch"], s["pq_idx"], s["rg_idx"] // old_world) for s in states)
+    return [{"epoch": epoch, "pq_idx": pq_idx, "rg_idx": block * old_world + rank, "row": 0, "rank": rank,
+             "world_size": world_size, "buffer": [], "resplit_from": old_world} for rank in range(world_size)]
+
+
 def _restore_buffer(files, doc_ids, tokenizer):
     """Re-read and re-tokenize the buffered documents named in a saved state, in their saved order."""
     wanted = defaultdict(list)
@@ -142,7 +157,8 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
                             f"not rank {rank} of {world_size}: resume with the same number of processes")
         position = tuple(resume_state[k] for k in ("epoch", "pq_idx", "rg_idx", "row"))
         buffered_ids = [tuple(i) for i in resume_state["buffer"]]
-        _check_position(files, position, world_size)
+        # a resplit position may lie up to old + new world size row groups past a shard's end
+        _check_position(files, position, resume_state.get("resplit_from", 0) + world_size)
 
     # the buffer: documents sorted by length (ties in arrival order), so best-fit is a binary search
     docs = _restore_buffer(files, buffered_ids, tokenizer) if buffered_ids else []

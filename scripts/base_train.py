@@ -155,8 +155,8 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, optimizer_shard_count, save_stage
-    from nanochat.dataloader import tokenizing_distributed_data_loader
+    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_stage
+    from nanochat.dataloader import resplit_states, tokenizing_distributed_data_loader
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8, mixer_kinds
     from nanochat.mamba import use_kernels
@@ -189,11 +189,6 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     resume = None
     if args.resume_from_step >= 0:
-        saved_by = optimizer_shard_count(checkpoint_dir, args.resume_from_step)
-        if saved_by not in (0, world_size):  # (none: load_checkpoint says so)
-            raise UserError(f"{checkpoint_dir} step {args.resume_from_step} was saved by {saved_by} processes, this run "
-                            f"has {world_size}: resume with {saved_by} (the data loaders' positions cannot be split "
-                            "differently yet; the optimizer state could)")
         model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True,
                                                          rank=rank, world_size=world_size, step_flag="--resume-from-step")
         check_tokenizer(meta, tokenizer, checkpoint_dir)
@@ -256,7 +251,12 @@ def main(argv=None):
         model = torch.compile(model, dynamic=False)
 
     # --- data ---
-    loader_state = resume[1]["dataloader_state_dicts"][rank] if resume else None
+    loader_states = resume[1]["dataloader_state_dicts"] if resume else [None] * world_size
+    if len(loader_states) != world_size:  # resumed on another number of processes (the optimizer state reshards too)
+        print0(f"resuming {len(loader_states)} processes' data positions on {world_size}: all restart where the least "
+               "advanced one was, so a few documents are read again and the buffered ones skipped")
+        loader_states = resplit_states(loader_states, world_size)
+    loader_state = loader_states[rank]
     train_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
                                                       device=device, resume_state=loader_state)
     x, y, next_state = next(train_loader)

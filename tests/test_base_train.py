@@ -148,13 +148,20 @@ def test_two_machines_train_and_resume_exactly(workspace, monkeypatch):
     assert step_lines(resumed) == step_lines(full)[2:]
     assert result(resumed)["val_bpb"] == out["val_bpb"]
 
-    # one process: pretraining cannot resume (its loaders' positions), finetuning takes the momenta, resharded
-    err = error_line(run("scripts.base_train", *args, "--resume-from-step=2", expect_ok=False))
-    assert err.endswith("was saved by 2 processes, this run has 1: resume with 2 (the data loaders' positions cannot "
-                        "be split differently yet; the optimizer state could)")
+    # saved by 2 processes, resumed by 1 and by 4: the optimizer state reshards, the loaders restart together
+    for launch in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]):
+        batch = "--device-batch-size=4" if len(launch) == 1 else "--device-batch-size=2"  # 512 tokens a step either way
+        proc = subprocess.run([*launch, "-m", "scripts.base_train", *args, batch, "--resume-from-step=2"], cwd=REPO,
+                              capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        size = 1 if len(launch) == 1 else 4
+        assert f"resuming 2 processes' data positions on {size}" in proc.stdout
+        assert result(proc)["step"] == 4 and result(proc)["world_size"] == size and len(step_lines(proc)) >= 2
     sft = run("scripts.chat_sft", "--source=base", "--model-tag=ddp", "--data=offline", "--num-iterations=1",
               "--eval-tokens=256")
-    assert "the source's optimizer state was saved by 2 processes, this run has 1: resharding it" in sft.stdout
+    # step 4's optimizer state, saved by the 4 processes last: finetuning in 1 takes it, resharded
+    assert "the source's optimizer state was saved by 4 processes, this run has 1: resharding it" in sft.stdout
     assert result(sft)["stage"] == "chat_sft"
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import make_docs
 from nanochat import dataset
 from nanochat.common import UserError
-from nanochat.dataloader import document_chunks, tokenizing_distributed_data_loader
+from nanochat.dataloader import document_chunks, resplit_states, tokenizing_distributed_data_loader
 from test_dataset import DAMAGE, DAMAGE_ERRORS, damage_shard
 
 B, T = 4, 64
@@ -99,6 +99,35 @@ def test_resume_with_another_world_size_is_refused(tokenizer, data_dir):
     _, _, state = next(loader(tokenizer, data_dir))
     with pytest.raises(UserError, match="same number of processes"):
         next(loader(tokenizer, data_dir, resume_state=state, rank=0, world_size=2))
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resplit_states_read_everything_after_the_least_advanced_rank_once(tokenizer, data_dir, new_world):
+    """Positions of 2 ranks (rank 1 further on) re-split for another number: from the block of row groups rank 0 was
+    in, every document is read by exactly one new rank, and each new loader starts from its state."""
+    files = dataset.split_files("train", data_dir)
+    states = []
+    for rank, batches in ((0, 2), (1, 12)):
+        it = loader(tokenizer, data_dir, rank=rank, world_size=2)
+        for _ in range(batches):
+            _, _, state = next(it)
+        it.close()
+        states.append(state)
+    assert (states[0]["pq_idx"], states[0]["rg_idx"] // 2) < (states[1]["pq_idx"], states[1]["rg_idx"] // 2)
+    new = resplit_states(states, new_world)
+    read = []
+    for state in new:
+        position = tuple(state[k] for k in ("epoch", "pq_idx", "rg_idx", "row"))
+        for ids, _, _ in document_chunks(files, position, state["rank"], new_world, 16, epochs=state["epoch"]):
+            read.extend(ids)
+        next(loader(tokenizer, data_dir, rank=state["rank"], world_size=new_world, resume_state=state))
+    start = (states[0]["pq_idx"], states[0]["rg_idx"] // 2 * 2)
+    expected = []
+    for pq_idx, path in enumerate(files):
+        meta = dataset.open_shard(path).metadata
+        expected += [(pq_idx, rg, row) for rg in range(meta.num_row_groups) if (pq_idx, rg) >= start
+                     for row in range(meta.row_group(rg).num_rows)]
+    assert len(read) == len(set(read)) and sorted(read) == expected and len(expected) > 100
 
 
 def test_more_ranks_than_row_groups_is_a_clear_error(tokenizer, data_dir):
