@@ -49,15 +49,21 @@ def get(url, key=None):
 def stop(pid):
     """End the server's session (setsid made it its leader), and wait until it is gone (or a zombie nobody reaps)."""
     os.killpg(pid, signal.SIGTERM)
-    for _ in range(100):
+    if not gone(pid):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def gone(pid, seconds=10):
+    """Whether the process ends (or is a zombie nobody reaps) within seconds."""
+    for _ in range(int(seconds * 10)):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rpartition(")")[2].split()[0] == "Z":
-                    return
+                    return True
         except FileNotFoundError:
-            return
+            return True
         time.sleep(0.1)
-    os.killpg(pid, signal.SIGKILL)
+    return False
 
 
 def test_cloud_start_pulls_serves_and_is_safe_to_run_twice(olah, tmp_path, tokenizer):
@@ -130,14 +136,6 @@ def test_cloud_start_refusals_are_one_line(tmp_path, tokenizer):
             "NANOCHAT_START_TIMEOUT if the model is still loading; the end of") in late.stderr
     pid = int(late.stdout.split("waiting for chat_web (pid ")[1].split(",")[0])
     assert not (base / f"chat_web-{port}.state").exists()
-    for _ in range(100):  # gone (or a zombie nobody reaps)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] == "Z":
-                    break
-        except FileNotFoundError:
-            break
-        time.sleep(0.1)
-    else:
+    if not gone(pid):
         stop(pid)
         raise AssertionError(f"chat_web (pid {pid}) still runs after its deadline")
