@@ -150,7 +150,10 @@ def export(model, tokenizer, out, dtype=torch.float32):
     if found:
         raise UserError(f"this model uses what transformers' NanoChat model lacks: {', '.join(found)}; only models trained "
                         "with python -m scripts.base_train --hf-compatible (and finetuned from one) export")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a file by that name, or no permission
+        raise UserError(f"--out={out} cannot be a folder to write to ({e.strerror}): pick another path") from None
     config = {**hf_config(model, tokenizer), "dtype": str(dtype).removeprefix("torch.")}
     files = {
         "config.json": config,

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanochat import checkpoint_manager as cm
+from nanochat.common import UserError
 from scripts import base_train, chat_sft, export_hf
 from test_base_train import TINY, make_workspace
 from test_gpt import tiny_model
@@ -104,6 +105,13 @@ def test_a_model_with_other_features_is_refused_in_one_line(base_dir, tokenizer)
                                   "per-layer residual scalars;")
     assert proc.stderr.strip().endswith("--hf-compatible (and finetuned from one) export")
     assert not (base_dir / "out").exists()
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line(exported, tmp_path):
+    model, tokenizer = exported[:2]
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(UserError, match=r"--out=.*taken cannot be a folder to write to \(File exists\): pick another"):
+        export_hf.export(model, tokenizer, str(tmp_path / "taken"))
 
 
 def test_hf_compatible_refuses_windows_and_mamba(capsys):
