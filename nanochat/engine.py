@@ -39,7 +39,10 @@ class KVCache:
     def for_model(cls, model, batch_size, seq_len):
         c = model.config
         attention_layers = [i for i, w in enumerate(model.windows) if w is not None]
-        return cls(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, model.get_device(), model.compute_dtype,
+        # the heads this process computes: all of them, or its share under tensor parallelism (nanochat/parallel.py)
+        from nanochat.gpt import CausalSelfAttention
+        heads = next((m.n_kv_head for m in model.modules() if isinstance(m, CausalSelfAttention)), c.n_kv_head)
+        return cls(batch_size, heads, seq_len, c.n_embd // c.n_head, c.n_layer, model.get_device(), model.compute_dtype,
                    attention_layers)
 
     def insert(self, layer, k, v):

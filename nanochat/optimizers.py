@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # Polar Express (arXiv 2505.16932): per-iteration (a, b, c) for 5 steps, safety 2e-2, cushion 2. It approximates
 # the polar factor faster than Muon's original fixed Newton-Schulz quintic (3.4445, -4.7750, 2.0315).
@@ -55,17 +56,31 @@ def orthogonalize(X, steps):
 
 def muon_update(p, g, momentum_buffer, second_moment, lr, momentum, beta2, weight_decay, ns_steps, ortho_dtype):
     """Muon on a (K, m, n) stack of same-shape matrices: p, g and the buffers are updated in place."""
-    m, n = p.shape[-2:]
+    update = muon_direction(nesterov(g, momentum_buffer, momentum), second_moment, beta2, ns_steps, ortho_dtype)
+    muon_apply(p, update.to(p.dtype), lr, weight_decay, *p.shape[-2:])
+
+
+def nesterov(g, momentum_buffer, momentum):
+    """Muon's momentum (elementwise: the buffer may be a piece of its matrix)."""
     momentum_buffer.lerp_(g, 1 - momentum)
-    g = g.lerp(momentum_buffer, momentum)  # Nesterov
-    update = orthogonalize(g.to(ortho_dtype), ns_steps).to(p.dtype)
+    return g.lerp(momentum_buffer, momentum)
+
+
+def muon_direction(g, second_moment, beta2, ns_steps, ortho_dtype):
+    """The update direction for a (K, m, n) stack of whole matrices; second_moment (K, m, 1) or (K, 1, n) in place."""
+    m, n = g.shape[-2:]
+    update = orthogonalize(g.to(ortho_dtype), ns_steps).to(g.dtype)
     # Muon+ (arXiv 2602.21545): a fixed Frobenius norm of sqrt(min(m, n))
     update = update * (min(m, n) ** 0.5 / (update.norm(dim=(-2, -1), keepdim=True) + 1e-7))
     # NorMuon (arXiv 2510.05491): per-row (or per-column) second moment, then restore the overall norm
     norm_before = update.norm(dim=(-2, -1), keepdim=True)
     second_moment.lerp_(update.square().mean(dim=-1 if m >= n else -2, keepdim=True), 1 - beta2)
     update = update * second_moment.clamp_min(1e-10).rsqrt()
-    update = update * (norm_before / (update.norm(dim=(-2, -1), keepdim=True) + 1e-10))
+    return update * (norm_before / (update.norm(dim=(-2, -1), keepdim=True) + 1e-10))
+
+
+def muon_apply(p, update, lr, weight_decay, m, n):
+    """Step p (a stack of m x n matrices, or pieces of them) along update (elementwise)."""
     lr = lr * max(1, m / n) ** 0.5  # tall matrices (more rows than columns: c_fc) step larger
     # cautious weight decay: decay only where the update pushes the same way
     mask = (update * p) >= 0
@@ -75,6 +90,29 @@ def muon_update(p, g, momentum_buffer, second_moment, lr, momentum, beta2, weigh
 def _row_sharded(p, world):
     """Whether an AdamW parameter's state is split by rows across ranks (large, evenly divisible), or kept whole."""
     return world > 1 and p.numel() >= 1024 and p.size(0) % world == 0
+
+
+def _local(t, like=None):
+    """This rank's piece of a DTensor (a gradient laid out like its parameter `like`); a plain tensor as it is."""
+    if not isinstance(t, DTensor):
+        return t
+    if like is not None and t.placements != like.placements:
+        t = t.redistribute(like.device_mesh, like.placements)
+    return t.to_local()
+
+
+def _whole(piece, like):
+    """The whole tensor from every rank's piece laid out like the parameter `like` (a collective)."""
+    if not isinstance(like, DTensor):
+        return piece
+    return DTensor.from_local(piece, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def _piece(whole, like):
+    """This rank's piece of a whole tensor, cut as the parameter `like` is (no communication)."""
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def _dist_info():
@@ -92,14 +130,62 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, ortho_dtype=torch.float32):
         super().__init__(param_groups, defaults={})
         self.ortho_dtype = ortho_dtype
+        # parameters sharded by FSDP2 or tensor parallelism (DTensors: nanochat/parallel.py) arrive with their
+        # gradients already reduced; then state is kept per piece and Muon gathers its matrices whole
+        self.sharded = any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"])
         for group in self.param_groups:
             if group["kind"] == "muon" and len({tuple(p.shape) for p in group["params"]}) != 1:
                 raise ValueError("a muon group must hold parameters of a single shape")
 
+    def state_dict(self):
+        """
+        This rank's state. With sharded parameters, the whole state as one process holds it instead (the same on
+        every rank; rank 0 saves it): a checkpoint then loads under any --parallel mode and number of processes.
+        """
+        state_dict = super().state_dict()
+        if not self.sharded:
+            return state_dict
+        whole, index = {}, 0
+        for group in self.param_groups:
+            params = group["params"]
+            if group["kind"] == "adamw":
+                for i, p in enumerate(params, start=index):
+                    if i in state_dict["state"]:
+                        whole[i] = {k: _whole(v, p).cpu() if torch.is_tensor(v) and v.dim() > 0 else v
+                                    for k, v in state_dict["state"][i].items()}
+            elif "second_momentum_buffer" in self.state[params[0]]:
+                whole[index] = {"momentum_buffer": torch.stack([_whole(self.state[p]["momentum_buffer"], p) for p in params]).cpu(),
+                                "second_momentum_buffer": self.state[params[0]]["second_momentum_buffer"].cpu()}
+            index += len(params)
+        return {"state": whole, "param_groups": state_dict["param_groups"]}
+
+    def _pieces(self, state_dict):
+        """The whole state (as state_dict gives it) cut into this rank's pieces of sharded parameters."""
+        pieces, index = {}, 0
+        for group in self.param_groups:
+            params = group["params"]
+            for i, p in enumerate(params, start=index):
+                saved = state_dict["state"].get(i)
+                if saved is None:
+                    continue
+                if group["kind"] == "adamw":
+                    pieces[i] = {k: _piece(v, p) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in saved.items()}
+                else:  # Muon: the group's stacked momentum -> each matrix's piece; the small second moment stays whole
+                    for k, q in enumerate(params):
+                        pieces[index + k] = {"momentum_buffer": _piece(saved["momentum_buffer"][k], q)}
+                    pieces[index]["second_momentum_buffer"] = saved["second_momentum_buffer"].to(p.device)
+            index += len(params)
+        return {"state": pieces, "param_groups": state_dict["param_groups"]}
+
     def load_state_dict(self, state_dict):
-        """This rank's own state, or the list of every rank's state from a run of another size (then resharded)."""
+        """
+        This rank's own state, or the list of every rank's state from a run of another size (then resharded). With
+        sharded parameters: the whole state (state_dict's), or such a list, cut into this rank's pieces.
+        """
         if isinstance(state_dict, list):
-            state_dict = self.reshard(state_dict, *_dist_info())
+            state_dict = self.reshard(state_dict, *((0, 1) if self.sharded else _dist_info()))
+        if self.sharded:
+            state_dict = self._pieces(state_dict)
         super().load_state_dict(state_dict)
         # torch casts loaded state to each parameter's dtype; our AdamW moments stay fp32 even for bf16 embeddings
         params = [p for group in self.param_groups for p in group["params"]]
@@ -158,9 +244,31 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_update(p, grad, state["momentum_buffer"], state["second_momentum_buffer"], group["lr"], group["momentum"],
                     group["beta2"], group["weight_decay"], group["ns_steps"], self.ortho_dtype)
 
+    def _muon_sharded(self, group, params, grads):
+        """
+        Muon on sharded matrices, still exactly Muon: the momentum is elementwise, so it runs on this rank's pieces;
+        the Nesterov gradients are then gathered whole and orthogonalised (on every rank: redundant, but no
+        all-to-all), and each rank steps its own piece.
+        """
+        gathered = []
+        for p, g in zip(params, grads):
+            state, g = self.state[p], _local(g, p)
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g)
+            gathered.append(_whole(nesterov(g, state["momentum_buffer"], group["momentum"]), p))
+        G = torch.stack(gathered)
+        K, m, n = G.shape
+        first = self.state[params[0]]
+        if "second_momentum_buffer" not in first:
+            first["second_momentum_buffer"] = G.new_zeros((K, m, 1) if m >= n else (K, 1, n))
+        update = muon_direction(G, first["second_momentum_buffer"], group["beta2"], group["ns_steps"], self.ortho_dtype)
+        for k, p in enumerate(params):
+            piece = _local(p)
+            muon_apply(piece, _piece(update[k], p).to(piece.dtype), group["lr"], group["weight_decay"], m, n)
+
     @torch.no_grad()
     def step(self):
-        rank, world = _dist_info()
+        rank, world = (0, 1) if self.sharded else _dist_info()
         # 1) launch every gradient reduction at once, so communication overlaps
         jobs = []
         for group in self.param_groups:
@@ -178,6 +286,9 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 params = group["params"]
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if self.sharded:
+                    self._muon_sharded(group, params, grads)
+                    continue
                 if world == 1:
                     jobs.append(("muon", group, params, grads, None))  # stacked at its update: one shape at a time
                     continue
@@ -198,7 +309,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 work.wait()
                 grad.div_(world)  # summed over ranks -> mean (gloo has no AVG on older torch)
             if kind == "adamw":
-                self._adamw(group, target, target, grad)
+                self._adamw(group, target, _local(target), _local(grad, target))
             elif kind == "adamw_shard":
                 rows = grad.size(0)
                 piece = target[rank * rows:(rank + 1) * rows]  # a view: updated in place
