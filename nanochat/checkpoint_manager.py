@@ -1,7 +1,8 @@
 """
 Checkpoints: under $NANOCHAT_BASE_DIR/<stage>_checkpoints/<tag>/ each step has
     model_{step:06d}.pt          the model's state_dict (written by rank 0)
-    optim_{step:06d}_rank{r}.pt  each rank's optimizer shard (sharded state: every rank writes its own)
+    optim_{step:06d}_rank{r}.pt  each rank's optimizer shard (sharded state: every rank writes its own); a sharded
+                                 model's run (--parallel fsdp/tp) writes the whole state once, as rank 0
     meta_{step:06d}.json         model config, flags, step, loader states (one per rank), loop state
 Every file is written to a temporary name and renamed, and the meta file is written last: a checkpoint exists
 only once its meta does, so a process killed mid-save leaves the previous checkpoint as the latest valid one.
@@ -50,7 +51,14 @@ def save_stage(checkpoint_dir, step, model, optimizer, tokenizer, rank, **meta):
     then, once every rank is done, the meta with what loading checks (the model's config, the tokenizer's
     fingerprint, the compute dtype) and the stage's own entries.
     """
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict() if optimizer else None, rank)
+    from nanochat.parallel import full_state_dict, is_sharded
+    # sharded (--parallel fsdp/tp): every rank helps gather the whole weights and the whole optimizer state, and
+    # rank 0 saves them as one process would: any mode and number of processes can load them
+    sharded = is_sharded(model)
+    optimizer_state = optimizer.state_dict() if optimizer else None
+    if sharded and rank != 0:
+        optimizer_state = None
+    save_checkpoint(checkpoint_dir, step, full_state_dict(model) if sharded else model.state_dict(), optimizer_state, rank)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:

@@ -11,10 +11,11 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps, token_bytes):
+def evaluate_bpb(model, batches, steps, token_bytes, copies=1):
     """
     Bits per byte over at most `steps` batches of (inputs, targets), fewer when `batches` runs out first (a one-pass
     loader over a small split). Returns (bpb, tokens): the mean, and how many targets it covered, summed across ranks.
+    copies: how many ranks read the same batches (a tensor-parallel group), counted once.
     """
     device = model.get_device()
     total_nats = torch.zeros((), dtype=torch.float32, device=device)
@@ -30,7 +31,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(total_nats)
         dist.all_reduce(counts)
     nbytes, tokens = counts.tolist()
-    return (total_nats.item() / (math.log(2) * nbytes) if nbytes > 0 else float("inf")), tokens
+    return (total_nats.item() / (math.log(2) * nbytes) if nbytes > 0 else float("inf")), tokens // copies
 
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",

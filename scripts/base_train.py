@@ -4,6 +4,7 @@ horizon, batch size, learning rates and weight decay follow from the model size 
 
     python -m scripts.base_train --depth=4 --max-seq-len=256 ...                      # one process (CPU, 1 GPU)
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20      # one node
+    torchrun ... -m scripts.base_train -- --depth=32 --parallel fsdp                  # sharded (nanochat/parallel.py)
 """
 
 import math
@@ -69,6 +70,10 @@ def parse_args(argv):
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass: "
                    "only each block's input is kept, for one more forward pass of every block")
+    p.add_argument("--parallel", choices=["ddp", "fsdp", "tp", "fsdp+tp"], default="ddp",
+                   help="how processes share the model: ddp replicates it (optimizer state sharded), fsdp shards "
+                   "everything, tp splits each block's heads and MLP over --tp ranks, fsdp+tp both (nanochat/parallel.py)")
+    p.add_argument("--tp", type=int, default=0, help="ranks per tensor-parallel group (0 = every process)")
     p.add_argument("--compile", choices=["auto", "0", "1"], default="auto",
                    help="torch.compile the model (auto: on CUDA, and on CPU for runs of 500+ steps)")
     args = p.parse_args(argv)
@@ -162,6 +167,7 @@ def main(argv=None):
     from nanochat.mamba import use_kernels
     from nanochat.loss_eval import evaluate_bpb, greedy_samples
     from nanochat.optimizers import LossScaler, lr_multiplier, muon_momentum, weight_decay_schedule
+    from nanochat.parallel import check, data_split, parallelize
     from nanochat.progress import Progress
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -179,18 +185,25 @@ def main(argv=None):
             raise UserError(f"{e}; or train without CORE: --core-metric-every=-1") from None
     vocab_size = tokenizer.get_vocab_size()
 
-    # the model, on the meta device first so that nothing is allocated twice
+    # the model, on the meta device first so that nothing is allocated twice; sharded runs build it whole in host
+    # memory, the same on every rank, and move only their shards to the device
     config = model_config(args, args.depth, vocab_size)
+    sharded = args.parallel != "ddp"
+    tp = check(args.parallel, args.tp, world_size, config)
+    data_rank, data_ranks = data_split(args.parallel, tp, rank, world_size)  # the ranks of a tp group read the same rows
+    build_device = torch.device("cpu") if sharded else device
     with torch.device("meta"):
         model = GPT(config, compute_dtype=dtype)
-    model.to_empty(device=device)
+    model.to_empty(device=build_device)
     model.init_weights()
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     resume = None
     if args.resume_from_step >= 0:
-        model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True,
-                                                         rank=rank, world_size=world_size, step_flag="--resume-from-step")
+        # a sharded run takes the whole optimizer state (or every rank's shard of it) and cuts its own pieces
+        model_state, optim_state, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, build_device, load_optimizer=True,
+                                                         rank=0 if sharded else rank, world_size=1 if sharded else world_size,
+                                                         step_flag="--resume-from-step")
         check_tokenizer(meta, tokenizer, checkpoint_dir)
         changed = [f"{k}: saved {v}, now {getattr(config, k)}" for k, v in meta["model_config"].items()
                    if getattr(config, k, v) != v]
@@ -205,7 +218,12 @@ def main(argv=None):
     if args.fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise UserError("--fp8 needs a CUDA GPU with fp8 tensor cores (Ada, Hopper or newer): drop the flag")
+        if sharded:
+            raise UserError(f"--fp8 casts whole weights and trains under --parallel ddp only, not {args.parallel}: drop one")
         print0(f"fp8: {enable_fp8(model)} linear layers train in fp8 ({args.fp8_recipe} scaling)")
+    model = parallelize(model, args.parallel, tp, device)
+    if sharded:
+        print0(f"--parallel {args.parallel}: {data_ranks} data-parallel group(s) x tensor-parallel {tp}")
     counts = model.num_scaling_params()
     print0("Parameter counts:")
     for key, value in {**counts, **{f"  of which {k}": v for k, v in model.num_params_by_mixer().items()}}.items():
@@ -217,7 +235,7 @@ def main(argv=None):
     print0(f"FLOPs per token: {flops_per_token:e}")
 
     # --- the depth dial: batch, learning rates, weight decay and horizon from the model size ---
-    tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
+    tokens_per_micro_step = args.device_batch_size * args.max_seq_len * data_ranks
     # the anchor is the attention-only d12 the hyperparameters were tuned at, whatever this model's mixers
     with torch.device("meta"):
         reference_model = GPT(build_model_config(12, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern))
@@ -229,7 +247,7 @@ def main(argv=None):
                         f"({num_iterations}): ask for more steps with --num-iterations")
     total_tokens = num_iterations * total_batch_size
     print0(f"steps: {num_iterations:,} | batch: {total_batch_size:,} tokens ({grad_accum_steps} micro-steps of "
-           f"{args.device_batch_size}x{args.max_seq_len} on {world_size} processes) | tokens: {total_tokens:,} | "
+           f"{args.device_batch_size}x{args.max_seq_len} on {data_ranks} data-parallel ranks) | tokens: {total_tokens:,} | "
            f"tokens per scaling param: {total_tokens / n_scaling:.2f} | lr scale {lr_scale:.3f} | muon wd {weight_decay:.4f}")
 
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
@@ -251,14 +269,15 @@ def main(argv=None):
         model = torch.compile(model, dynamic=False)
 
     # --- data ---
-    loader_states = resume[1]["dataloader_state_dicts"] if resume else [None] * world_size
-    if len(loader_states) != world_size:  # resumed on another number of processes (the optimizer state reshards too)
-        print0(f"resuming {len(loader_states)} processes' data positions on {world_size}: all restart where the least "
+    loader_states = resume[1]["dataloader_state_dicts"] if resume else [None] * data_ranks
+    if len(loader_states) != data_ranks:  # resumed on another number of processes (the optimizer state reshards too)
+        print0(f"resuming {len(loader_states)} data-parallel ranks' positions on {data_ranks}: all restart where the least "
                "advanced one was, so a few documents are read again and the buffered ones skipped")
-        loader_states = resplit_states(loader_states, world_size)
-    loader_state = loader_states[rank]
+        loader_states = resplit_states(loader_states, data_ranks)
+    loader_state = loader_states[data_rank]
     train_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
-                                                      device=device, resume_state=loader_state)
+                                                      device=device, resume_state=loader_state, rank=data_rank,
+                                                      world_size=data_ranks)
     x, y, next_state = next(train_loader)
 
     # --- the loop: runs num_iterations + 1 times, so the last pass evaluates and saves ---
@@ -273,22 +292,24 @@ def main(argv=None):
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
             val_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val",
-                                                            device=device, epochs=1)
+                                                            device=device, epochs=1, rank=data_rank, world_size=data_ranks)
             eval_steps = max(1, args.eval_tokens // tokens_per_micro_step)
-            val_bpb, val_tokens = evaluate_bpb(model, val_loader, eval_steps, token_bytes)  # compiled: FlexAttention on GPUs
+            # compiled: FlexAttention on GPUs
+            val_bpb, val_tokens = evaluate_bpb(model, val_loader, eval_steps, token_bytes, copies=tp)
             val_loader.close()
             progress.val_bpb(step, val_bpb, val_tokens)
             model.train()
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             from nanochat.core_eval import evaluate_core
             orig_model.eval()
-            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, bundle=core_bundle)
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, bundle=core_bundle,
+                                 split=not sharded)  # a sharded model's forward is a collective: every rank runs all
             core_metric = core["core_metric"]
             print0(f"step {step:05d} | CORE: {core_metric:.4f}")
             wandb_run.log({"step": step, "core_metric": core_metric, "centered_results": core["centered_results"]})
             orig_model.train()
-        if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-            orig_model.eval()
+        if (master or sharded) and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()  # sharded: every rank decodes the same tokens, rank 0 prints them
             for text in greedy_samples(Engine(orig_model, tokenizer), tokenizer):
                 print0(text)
             orig_model.train()
@@ -299,6 +320,7 @@ def main(argv=None):
                 dist.all_gather_object(states, loader_state)
             else:
                 states = [loader_state]
+            states = states[::tp]  # one per data-parallel rank (global rank = data rank x tp + tp rank)
             save_stage(checkpoint_dir, step, orig_model, optimizer, tokenizer, rank, val_bpb=val_bpb, user_config=vars(args),
                        device_batch_size=args.device_batch_size, max_seq_len=args.max_seq_len,
                        total_batch_size=total_batch_size, dataloader_state_dicts=states, loop_state=loop)
@@ -355,6 +377,7 @@ def main(argv=None):
                  train_loss=progress.smooth_loss,
                  tok_per_sec=tok_per_sec, mfu=mfu, total_training_time=loop["total_training_time"],
                  peak_memory_mib=round(peak_mem, 1), compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size,
+                 parallel=args.parallel, tp=tp,
                  curve=progress.curve)
     compute_cleanup()
 

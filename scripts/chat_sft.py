@@ -84,6 +84,9 @@ def parse_args(argv, stage):
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass "
                    "(less memory, one more forward pass of every block)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp", "tp", "fsdp+tp"], default="ddp",
+                   help="how processes share the model, as in base_train (nanochat/parallel.py)")
+    p.add_argument("--tp", type=int, default=0, help="ranks per tensor-parallel group (0 = every process)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the source's")
     p.add_argument("--device-batch-size", type=int, default=None, help="default: the source's")
     p.add_argument("--total-batch-size", type=int, default=None, help="default: the source's")
@@ -121,7 +124,9 @@ def load_momenta(optimizer, source_dir, source_step, device, rank, world_size):
     if saved_by == 0:
         print0("the source has no optimizer state: starting the optimizer fresh")
         return
-    if saved_by != world_size:
+    if optimizer.sharded:  # sharded parameters take the whole state (or every rank's shard) and cut their own pieces
+        rank, world_size = 0, 1
+    elif saved_by != world_size:
         print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: resharding it")
     try:
         _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
@@ -145,14 +150,19 @@ def main(argv=None, stage="sft"):
     from nanochat.dataloader import conversation_batches
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.optimizers import LossScaler, progress_lr_multiplier
+    from nanochat.parallel import check, data_split, parallelize
     from nanochat.progress import Progress
     from nanochat.tokenizer import get_token_bytes
 
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     master = rank == 0
     dtype = get_compute_dtype(device.type)[0]
-    model, tokenizer, source_meta = load_model(args.source, device, dtype, phase="train", model_tag=args.model_tag,
-                                               step=args.model_step)
+    sharded = args.parallel != "ddp"  # built whole in host memory, then each rank's shards move to the device
+    model, tokenizer, source_meta = load_model(args.source, torch.device("cpu") if sharded else device, dtype, phase="train",
+                                               model_tag=args.model_tag, step=args.model_step)
+    tp = check(args.parallel, args.tp, world_size, model.config)
+    data_rank, data_ranks = data_split(args.parallel, tp, rank, world_size)
+    model = parallelize(model, args.parallel, tp, device)
     model.activation_checkpointing = args.activation_checkpointing
     source_dir, source_step = find_checkpoint(args.source, args.model_tag, args.model_step)
     inherited = source_meta.get("user_config", {})
@@ -162,7 +172,7 @@ def main(argv=None, stage="sft"):
     total_batch_size = inherit(args.total_batch_size, "total_batch_size", 524288)
     lrs = {name: getattr(args, name) if getattr(args, name) is not None else inherited.get(name, default)
            for name, default in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
-    tokens_per_micro_step = B * T * world_size
+    tokens_per_micro_step = B * T * data_ranks
     if total_batch_size % tokens_per_micro_step:
         raise UserError(f"total batch {total_batch_size} is not a multiple of device_batch_size x max_seq_len x processes "
                         f"= {tokens_per_micro_step}: pass --total-batch-size or --device-batch-size")
@@ -170,7 +180,7 @@ def main(argv=None, stage="sft"):
         raise UserError(f"--max-seq-len={T} is beyond what the model's rotary tables cover ({model.config.sequence_len * 10})")
     grad_accum_steps = total_batch_size // tokens_per_micro_step
     print0(f"{stage} from {args.source} {source_dir} step {source_step}: batch {total_batch_size:,} tokens "
-           f"({grad_accum_steps} x {B} x {T} on {world_size} processes), lrs {lrs} x {args.init_lr_frac}")
+           f"({grad_accum_steps} x {B} x {T} on {data_ranks} data-parallel ranks), lrs {lrs} x {args.init_lr_frac}")
 
     optimizer = model.setup_optimizer(unembedding_lr=lrs["unembedding_lr"], embedding_lr=lrs["embedding_lr"],
                                       matrix_lr=lrs["matrix_lr"], weight_decay=0.0)
@@ -196,14 +206,15 @@ def main(argv=None, stage="sft"):
         raise UserError(f"{e}; or train on data that needs no network with --data=offline") from None
     print0(f"mixture: {len(train_ds):,} training conversations, {len(val_ds):,} validation")
     all_tokens = args.loss_tokens == "all"
-    train_loader = conversation_batches(tokenizer, train_ds, B, T, device, rank, world_size, all_tokens=all_tokens)
+    train_loader = conversation_batches(tokenizer, train_ds, B, T, device, data_rank, data_ranks, all_tokens=all_tokens)
     token_bytes = get_token_bytes(device, tokenizer.get_vocab_size())
     wandb_run = init_wandb(args.run, STAGES[stage][2], vars(args), master)
 
     def chatcore_eval():  # chat_eval's evaluation (512 new tokens, the same problems), capped for speed
         from tasks.common import BASELINES, chatcore, evaluate_chat_tasks
         max_cat = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
-        results = evaluate_chat_tasks(list(BASELINES), model, tokenizer, max_cat, args.chatcore_max_sample, batch_size=B)
+        results = evaluate_chat_tasks(list(BASELINES), model, tokenizer, max_cat, args.chatcore_max_sample, batch_size=B,
+                                      split=not sharded)  # a sharded model's forward is a collective: every rank runs all
         accuracies = {name: hits / max(n, 1) for name, hits, n in results}
         return accuracies, chatcore(accuracies)
 
@@ -220,8 +231,9 @@ def main(argv=None, stage="sft"):
             last_step = bool(flag.item())
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
-            val_loader = conversation_batches(tokenizer, val_ds, B, T, device, rank, world_size, epochs=1, all_tokens=all_tokens)
-            val_bpb, val_tokens = evaluate_bpb(step_model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
+            val_loader = conversation_batches(tokenizer, val_ds, B, T, device, data_rank, data_ranks, epochs=1, all_tokens=all_tokens)
+            val_bpb, val_tokens = evaluate_bpb(step_model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step),
+                                               token_bytes, copies=tp)
             progress.val_bpb(step, val_bpb, val_tokens)
             model.train()
         if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
@@ -265,7 +277,7 @@ def main(argv=None, stage="sft"):
     print_result(f"chat_{stage}" if stage == "sft" else "mid_train", checkpoint_dir=checkpoint_dir, step=step, data=args.data,
                  kb=args.kb, train_loss=progress.smooth_loss, val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=progress.state["min_val_bpb"],
                  chatcore=chat_core, total_training_time=progress.state["total_training_time"], world_size=world_size,
-                 curve=progress.curve)
+                 parallel=args.parallel, tp=tp, curve=progress.curve)
     compute_cleanup()
 
 

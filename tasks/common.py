@@ -241,17 +241,18 @@ def chat_task(name, rag=None, hops=None):
 
 
 def evaluate_chat_tasks(names, model, tokenizer, max_categorical=None, max_generative=None, batch_size=8, num_samples=1,
-                        max_new_tokens=512, temperature=0.0, top_k=50, rag=None):
+                        max_new_tokens=512, temperature=0.0, top_k=50, rag=None, split=True):
     """
     Yield (name, correct, total) per task, summed across ranks: the one evaluation behind chat_eval and ChatCORE
     during SFT. max_categorical / max_generative cap the problems of each kind (None: all). A RAG task yields
     "NAME 1-hop" and "NAME multi-hop" (each capped), then NAME, their sum; the Engine searches rag's kb.
+    split=False: every rank evaluates every problem, as a sharded model (--parallel fsdp/tp) needs.
     """
     import torch
     import torch.distributed as dist
     from nanochat.common import get_dist_info
     from nanochat.engine import Engine
-    _, rank, _, world_size = get_dist_info()
+    _, rank, _, world_size = get_dist_info() if split else (False, 0, 0, 1)
     rag = rag or {}
     engine = Engine(model, tokenizer, rag.get("kb"), rag.get("retriever", "bm25"), rag.get("top_k", 3))
 
@@ -262,7 +263,7 @@ def evaluate_chat_tasks(names, model, tokenizer, max_categorical=None, max_gener
             hits, n = evaluate_generative(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
                                           max_generative, rank, world_size)
         counts = torch.tensor([hits, n], dtype=torch.float64, device=model.get_device())
-        if dist.is_available() and dist.is_initialized():
+        if split and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
         return int(counts[0]), int(counts[1])
 

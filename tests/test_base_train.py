@@ -165,6 +165,32 @@ def test_two_machines_train_and_resume_exactly(workspace, monkeypatch):
     assert result(sft)["stage"] == "chat_sft"
 
 
+def test_sharded_runs_save_whole_and_resume_under_any_mode(workspace):
+    """--parallel fsdp on 2 processes trains, samples on every rank (printed once) and saves one whole optimizer
+    state; --parallel tp on 2 and plain one-process training both resume it, the same way (tp ranks read the same
+    rows, so both read as one process does); finetuning under fsdp takes its momenta."""
+    def torchrun(*args):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "NANOCHAT_DTYPE": "float32", "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+    args = [*TINY, "--num-iterations=4", "--save-every=2", "--eval-every=-1", "--model-tag=sharded"]
+    full = torchrun("-m", "scripts.base_train", *args, "--parallel=fsdp", "--sample-every=4")
+    assert result(full)["parallel"] == "fsdp" and result(full)["world_size"] == 2
+    assert full.stdout.count("The capital of France is") == 1
+    saved = sorted(os.listdir(workspace / "base_checkpoints" / "sharded"))
+    assert [name for name in saved if name.startswith("optim_")] == ["optim_000002_rank0.pt", "optim_000004_rank0.pt"]
+    tp = torchrun("-m", "scripts.base_train", *args, "--parallel=tp", "--resume-from-step=2")
+    one = run("scripts.base_train", *args, "--resume-from-step=2")
+    assert "resuming 2 data-parallel ranks' positions on 1" in tp.stdout
+    assert step_lines(tp) == step_lines(one) and len(step_lines(one)) == 2
+    assert result(tp)["val_bpb"] == result(one)["val_bpb"] and result(tp)["tp"] == 2
+    sft = torchrun("-m", "scripts.chat_sft", "--source=base", "--model-tag=sharded", "--data=offline",
+                   "--num-iterations=1", "--eval-tokens=256", "--parallel=fsdp")
+    assert "starting the optimizer fresh" not in sft.stdout and result(sft)["parallel"] == "fsdp"
+
+
 def test_machines_that_do_not_share_the_base_dir_are_one_line(workspace, tmp_path):
     errors = run_on_two_machines("scripts.base_train", *TINY, base_dirs=[str(workspace), str(tmp_path / "other")],
                                  expect_ok=False)
