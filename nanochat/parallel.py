@@ -35,6 +35,9 @@ def check(mode, tp, world_size, config):
     tp = tp or world_size
     if tp < 1 or world_size % tp:
         raise UserError(f"--tp={tp} must divide the number of processes ({world_size})")
+    if mode == "tp" and tp != world_size:
+        raise UserError(f"--parallel tp splits the model over every process ({world_size}), not --tp={tp}: drop --tp, "
+                        "or shard across groups of --tp ranks with --parallel fsdp+tp")
     if mode == "fsdp+tp" and world_size == tp:
         raise UserError(f"--parallel fsdp+tp with --tp={tp} on {world_size} processes leaves no ranks to shard "
                         "over: use --parallel tp, or a smaller --tp")
@@ -57,8 +60,16 @@ def parallelize(model, mode, tp, device):
     if "tp" in mode:
         _tensor_parallel(model, mesh["tp"])
     if "fsdp" in mode:
-        from torch.distributed.fsdp import fully_shard
-        for module in [*model.transformer.h, model.transformer.wte, *model.value_embeds.values()]:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # blocks of matrices are gathered already cast to the compute dtype (what our Linear casts them to anyway),
+        # and gradients reduced in fp32. Otherwise autograd would keep each Linear's cast copy until the backward
+        # pass, a whole compute-dtype copy of every block per rank; this way FSDP frees the gathered weights
+        # after each block. Mamba's fp32 parameters (decays, biases) are gathered as they are.
+        cast = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            matrices = all(p.ndim == 2 for p in block.parameters())
+            fully_shard(block, mesh=mesh["data"], mp_policy=cast if matrices else MixedPrecisionPolicy())
+        for module in [model.transformer.wte, *model.value_embeds.values()]:
             fully_shard(module, mesh=mesh["data"])
         fully_shard(model, mesh=mesh["data"])
     return model.to(device)  # the buffers (rotary tables), and under tp the replicated weights

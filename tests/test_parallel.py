@@ -57,7 +57,8 @@ def test_checks_name_what_to_change():
     assert check("tp", 0, 4, config) == 4  # --tp 0: every process
     assert check("fsdp+tp", 2, 8, config) == 2
     cases = [("fsdp", 2, 8, config, "needs --parallel tp"),
-             ("tp", 3, 8, config, "must divide the number of processes"),
+             ("fsdp+tp", 3, 8, config, "must divide the number of processes"),
+             ("tp", 2, 4, config, "splits the model over every process"),
              ("fsdp+tp", 4, 4, config, "leaves no ranks to shard"),
              ("tp", 8, 8, config, "must divide the heads"),
              ("tp", 2, 2, build_model_config(4, 256, aspect_ratio=16, head_dim=16, mixer_pattern="AM"), "Mamba")]
