@@ -58,6 +58,10 @@ def save_stage(checkpoint_dir, step, model, optimizer, tokenizer, rank, **meta):
     optimizer_state = optimizer.state_dict() if optimizer else None
     if sharded and rank != 0:
         optimizer_state = None
+    if sharded and rank == 0:  # one whole state: no other rank's file from an earlier save of this step may remain
+        for stale in glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")):
+            if not stale.endswith("_rank0.pt"):
+                os.remove(stale)
     save_checkpoint(checkpoint_dir, step, full_state_dict(model) if sharded else model.state_dict(), optimizer_state, rank)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -173,9 +173,13 @@ SEARCH = "search:"  # a tool call that starts so is a search of the knowledge ba
 class Engine:
     def __init__(self, model, tokenizer, kb=None, retriever="bm25", passages=3):
         """kb: a retrieval.KnowledgeBase for search calls (None: they are told there is none)."""
+        from nanochat.parallel import is_sharded
         self.model = model
         self.tokenizer = tokenizer
         self.kb, self.retriever, self.passages = kb, retriever, passages
+        # a sharded model (training with --parallel fsdp/tp) decodes on every rank, each forward pass a collective:
+        # every rank goes on with rank 0's tokens, so all of them stop after the same number of steps
+        self.follow_rank0 = is_sharded(model) and torch.distributed.is_initialized()
 
     def search(self, query):
         """The passages a search for query gets (the knowledge base memoises them: asking again for citations is free)."""
@@ -228,7 +232,10 @@ class Engine:
         while max_tokens is None or generated < max_tokens:
             if all(r.completed for r in rows) or cache.pos >= capacity:
                 break
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0]
+            if self.follow_rank0:
+                torch.distributed.broadcast(sampled, src=0)
+            sampled = sampled.tolist()
             column, masks = [], []
             for row, token in zip(rows, sampled):
                 is_forced = bool(row.forced)

@@ -17,10 +17,21 @@ def evaluate_bpb(model, batches, steps, token_bytes, copies=1):
     loader over a small split). Returns (bpb, tokens): the mean, and how many targets it covered, summed across ranks.
     copies: how many ranks read the same batches (a tensor-parallel group), counted once.
     """
+    from nanochat.parallel import is_sharded
+    together = is_sharded(model) and dist.is_initialized()  # its forward is a collective: stop when any rank runs out
     device = model.get_device()
     total_nats = torch.zeros((), dtype=torch.float32, device=device)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # bytes, tokens
-    for _, (x, y, *_) in zip(range(steps), batches):
+    batches = iter(batches)
+    for _ in range(steps):
+        batch = next(batches, None)
+        if together:
+            more = torch.tensor(batch is not None, dtype=torch.int32, device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            batch = batch if more.item() else None
+        if batch is None:
+            break
+        x, y = batch[:2]
         loss = model(x, y, loss_reduction="none").view(-1)  # nats per target
         y = y.reshape(-1)
         valid = y >= 0

@@ -309,7 +309,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 work.wait()
                 grad.div_(world)  # summed over ranks -> mean (gloo has no AVG on older torch)
             if kind == "adamw":
-                self._adamw(group, target, _local(target), _local(grad, target))
+                grad = _local(grad, target)
+                if getattr(target, "tp_group", None) is not None:  # left whole by tensor parallelism: see parallel.py
+                    dist.all_reduce(grad, group=target.tp_group)
+                    grad.div_(dist.get_world_size(target.tp_group))
+                self._adamw(group, target, _local(target), grad)
             elif kind == "adamw_shard":
                 rows = grad.size(0)
                 piece = target[rank * rows:(rank + 1) * rows]  # a view: updated in place

@@ -28,6 +28,9 @@ def data_split(mode, tp, rank, world_size):
 
 def check(mode, tp, world_size, config):
     """The tensor-parallel size for this run (--tp 0: every process), or one line saying what to change."""
+    if mode != "ddp" and not torch.distributed.is_initialized():
+        raise UserError(f"--parallel {mode} shards the model over processes: launch with torchrun (even one process), "
+                        "or train plainly with --parallel ddp")
     if "tp" not in mode:
         if tp not in (0, 1):
             raise UserError(f"--tp={tp} needs --parallel tp or fsdp+tp")
@@ -72,7 +75,15 @@ def parallelize(model, mode, tp, device):
         for module in [model.transformer.wte, *model.value_embeds.values()]:
             fully_shard(module, mesh=mesh["data"])
         fully_shard(model, mesh=mesh["data"])
-    return model.to(device)  # the buffers (rotary tables), and under tp the replicated weights
+    model.to(device)  # the buffers (rotary tables), and under tp the replicated weights
+    if "tp" in mode:
+        # what tensor parallelism leaves whole (embedding, head, scalars) gets the same gradient on every rank of a
+        # tp group, up to the order of a GPU kernel's atomic adds (the embedding's backward): the optimizer averages
+        # it over the group, so the copies cannot drift apart
+        for name, p in model.named_parameters():
+            if not name.startswith(("transformer.h.", "value_embeds.")):
+                p.tp_group = mesh["tp"].get_group()
+    return model
 
 
 def _tensor_parallel(model, mesh):

@@ -140,7 +140,7 @@ def depth_dial(args, model, reference_model, tokens_per_micro_step):
             total_batch_size = tokens_per_micro_step
     if total_batch_size % tokens_per_micro_step:
         raise UserError(f"--total-batch-size={total_batch_size} is not a multiple of device_batch_size x max_seq_len "
-                        f"x processes = {tokens_per_micro_step}: change one of them")
+                        f"x data-parallel processes = {tokens_per_micro_step}: change one of them")
     # 3) learning rates scale with sqrt(B / B_ref); 4) weight decay with sqrt(B / B_ref) * D_ref / D (T_epoch, arXiv 2405.13698)
     lr_scale = (total_batch_size / B_REF) ** 0.5
     weight_decay = args.weight_decay * lr_scale * (d_ref / target_tokens)

@@ -124,8 +124,8 @@ def load_momenta(optimizer, source_dir, source_step, device, rank, world_size):
     if saved_by == 0:
         print0("the source has no optimizer state: starting the optimizer fresh")
         return
-    if optimizer.sharded:  # sharded parameters take the whole state (or every rank's shard) and cut their own pieces
-        rank, world_size = 0, 1
+    if optimizer.sharded:  # the whole state (or every rank's shard), in host memory: each rank cuts its own pieces
+        rank, world_size, device = 0, 1, "cpu"
     elif saved_by != world_size:
         print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: resharding it")
     try:
@@ -174,8 +174,8 @@ def main(argv=None, stage="sft"):
            for name, default in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
     tokens_per_micro_step = B * T * data_ranks
     if total_batch_size % tokens_per_micro_step:
-        raise UserError(f"total batch {total_batch_size} is not a multiple of device_batch_size x max_seq_len x processes "
-                        f"= {tokens_per_micro_step}: pass --total-batch-size or --device-batch-size")
+        raise UserError(f"total batch {total_batch_size} is not a multiple of device_batch_size x max_seq_len x data-parallel "
+                        f"processes = {tokens_per_micro_step}: pass --total-batch-size or --device-batch-size")
     if T > model.config.sequence_len * 10:
         raise UserError(f"--max-seq-len={T} is beyond what the model's rotary tables cover ({model.config.sequence_len * 10})")
     grad_accum_steps = total_batch_size // tokens_per_micro_step

@@ -72,6 +72,15 @@ def greedy(model, tokens=8):
     return rows[0]
 
 
+def uneven_evaluation(model, batches, rows, rank, tp):
+    """Bits per byte where rank 0 runs out of batches first (a one-pass loader over a small split): every forward
+    pass of a sharded model is a collective, so all ranks must stop with it. Returns the targets covered."""
+    from nanochat.loss_eval import evaluate_bpb
+    own = [(x[rows], y[rows]) for x, y in batches[:1 if rank == 0 else 3]]
+    _, tokens = evaluate_bpb(model, own, 5, torch.ones(CONFIG.vocab_size, dtype=torch.int32), copies=tp)
+    return tokens
+
+
 def gathered_grads(model):
     return {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for name, p in model.named_parameters()}
 
@@ -141,6 +150,7 @@ def main():
             "resumed_vs_uninterrupted": largest_difference(full_state_dict(resumed), full_state_dict(model)),
             "after_3_steps": largest_difference(full_state_dict(model), full_state_dict(reference)),
             "greedy_tokens_match": greedy(model.eval()) == ref_tokens,
+            "uneven_evaluation_tokens": uneven_evaluation(model, batches, rows, rank, tp),
         }
     if rank == 0:
         print(json.dumps(results))

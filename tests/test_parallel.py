@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
 from nanochat.common import UserError
 from nanochat.gpt import build_model_config
@@ -43,6 +44,7 @@ def test_sharded_training_resumes_exactly_and_follows_one_process(modes, mode):
     # Muon's row equalisation and AdamW's first steps magnify rounding differences in small gradients: close, not equal
     assert result["after_3_steps"] < 1e-2
     assert result["greedy_tokens_match"]  # the Engine's KV cache holds this rank's heads under tp
+    assert result["uneven_evaluation_tokens"] == 4 * 32  # one batch of every rank's rows: all stopped with rank 0
 
 
 def test_tp_ranks_of_a_group_read_the_same_rows():
@@ -53,6 +55,17 @@ def test_tp_ranks_of_a_group_read_the_same_rows():
 
 def test_checks_name_what_to_change():
     config = build_model_config(4, 256, aspect_ratio=16, head_dim=16)  # 4 heads
+    with pytest.raises(UserError, match="launch with torchrun"):  # plain python: no processes to shard over
+        check("fsdp", 0, 1, config)
+    assert check("ddp", 0, 1, config) == 1
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as torchrun would (sizes below are given)
+    try:
+        checks_under_torchrun(config)
+    finally:
+        dist.destroy_process_group()
+
+
+def checks_under_torchrun(config):
     assert check("fsdp", 0, 8, config) == 1
     assert check("tp", 0, 4, config) == 4  # --tp 0: every process
     assert check("fsdp+tp", 2, 8, config) == 2
