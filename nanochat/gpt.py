@@ -1,7 +1,7 @@
 """
 The GPT model. Notable choices (the reasons, measured at d12-d24, are in the reference's experiment log):
 - parameter-free RMSNorm after the embedding, before every sub-block and before the head; no biases, no dropout
-- rotary embeddings (base 100k, rotate-half), then QK-norm, then q and k sharpened by 1.2
+- rotary embeddings (base 100k by default, rotate-half), then QK-norm, then q and k sharpened by 1.2
 - ReLU² MLP at 4x width; grouped-query attention (n_kv_head); untied embedding and head
 - gated value embeddings (ResFormer) on alternating attention layers, always including the last
 - per-layer residual and x0 scalars (modded-nanogpt), smear (the previous token's embedding mixed in), backout
@@ -44,6 +44,11 @@ class GPTConfig:
     mamba3_rope: bool = False
     mamba3_bc_norm: bool = False
     hf_compatible: bool = False  # see the module docstring; base_train --hf-compatible also makes every window L
+    # long context: tokens an L and an S window cover (0: the whole context, and a quarter of it rounded up to 128),
+    # and the rotary embeddings' base (larger bases turn more slowly, for positions far apart)
+    window_long: int = 0
+    window_short: int = 0
+    rotary_base: float = 100_000.0
 
 
 def norm(x):
@@ -125,11 +130,12 @@ def has_ve(config, layer_idx):
 
 def window_sizes(config):
     """
-    Per layer, how many past tokens a query may attend to: L = the whole context, S = a quarter, rounded up to 128.
-    The pattern tiles over the attention layers; the last of them always sees everything; other mixers get None.
+    Per layer, how many past tokens a query may attend to: L = the whole context, S = a quarter, rounded up to 128
+    (or config.window_long and window_short tokens). The pattern tiles over the attention layers; the last of them
+    always gets L; other mixers get None.
     """
-    long_window = config.sequence_len
-    short_window = -(-config.sequence_len // 4 // 128) * 128
+    long_window = config.window_long or config.sequence_len
+    short_window = config.window_short or -(-config.sequence_len // 4 // 128) * 128
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - {"S", "L"}:
         raise ValueError(f"window pattern {config.window_pattern!r} must be a string of S and L")
@@ -296,9 +302,9 @@ class GPT(nn.Module):
             for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda):
                 p.requires_grad_(False)
 
-    def _rotary_tables(self, seq_len, base=100_000, device=None):
+    def _rotary_tables(self, seq_len, device=None):
         head_dim = self.config.n_embd // self.config.n_head
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        inv_freq = 1.0 / self.config.rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         cos, sin = freqs.cos().to(self.compute_dtype), freqs.sin().to(self.compute_dtype)
         return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
@@ -477,8 +483,8 @@ class GPT(nn.Module):
 def build_model_config(depth, vocab_size, aspect_ratio=64, head_dim=128, max_seq_len=2048, window_pattern="SSSL",
                        mixer_pattern="A", hf_compatible=False, **mamba):
     """
-    The depth dial: width = depth * aspect_ratio rounded up to a whole number of heads of head_dim. mamba: the
-    GPTConfig fields of Mamba layers (mamba_d_state=..., mamba3_rope=...), where the defaults are not wanted.
+    The depth dial: width = depth * aspect_ratio rounded up to a whole number of heads of head_dim. mamba: other
+    GPTConfig fields (mamba_d_state=..., mamba3_rope=..., rotary_base=...), where the defaults are not wanted.
     """
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim

@@ -31,6 +31,11 @@ def parse_args(argv):
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--window-pattern", default=None, help="S = attend to a quarter of the context, L = all of it; tiled "
                    "over attention layers, the last always L (default SSSL; L with --hf-compatible)")
+    p.add_argument("--window-long", type=int, default=0, help="tokens an L window covers (0 = the whole context)")
+    p.add_argument("--window-short", type=int, default=0, help="tokens an S window covers (0 = a quarter of the "
+                   "context, rounded up to 128)")
+    p.add_argument("--rotary-base", type=float, default=100_000.0, help="the rotary embeddings' base (larger for longer "
+                   "contexts)")
     p.add_argument("--mixer-pattern", default="A", help="each layer's sequence mixer, tiled over layers: A = attention, M = Mamba-2 (e.g. AAM)")
     p.add_argument("--hf-compatible", action="store_true", help="only what transformers' NanoChat model has, so that "
                    "scripts.export_hf can export it: no value embeddings, smear, backout or layer scalars; full windows")
@@ -79,12 +84,16 @@ def parse_args(argv):
     args = p.parse_args(argv)
     check_minimums(args, {"--depth": 1, "--aspect-ratio": 1, "--head-dim": 1, "--max-seq-len": 1, "--device-batch-size": 1,
                           "--embedding-lr": 0, "--unembedding-lr": 0, "--matrix-lr": 0, "--scalar-lr": 0,
-                          "--weight-decay": 0, "--warmup-steps": 0})
+                          "--weight-decay": 0, "--warmup-steps": 0, "--window-long": 0, "--window-short": 0})
     check_folder_name("--model-tag", args.model_tag)
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         p.error("give a horizon: --num-iterations, --target-flops or --target-param-data-ratio")
     if not 0 <= args.warmdown_ratio <= 1:
         p.error("--warmdown-ratio must be between 0 and 1")
+    if args.rotary_base <= 1:
+        p.error(f"--rotary-base={args.rotary_base:g} must be above 1 (the default is 100000)")
+    if args.window_long and args.window_short > args.window_long:
+        p.error(f"--window-short={args.window_short} is longer than --window-long={args.window_long}")
     if args.head_dim % 2:
         p.error(f"--head-dim={args.head_dim} must be even: rotary embeddings turn pairs of dimensions")
     if args.window_pattern is None:
@@ -94,9 +103,10 @@ def parse_args(argv):
     from nanochat.gpt import MIXERS
     if not args.mixer_pattern or set(args.mixer_pattern.upper()) - set(MIXERS):
         p.error(f"--mixer-pattern={args.mixer_pattern!r} must be a string of A (attention) and M (Mamba), like AAM")
-    if args.hf_compatible and ("S" in args.window_pattern.upper() or "M" in args.mixer_pattern.upper()):
-        p.error("--hf-compatible models attend to the whole context in every layer: drop --window-pattern (S) and "
-                "--mixer-pattern (M)")
+    if args.hf_compatible and ("S" in args.window_pattern.upper() or "M" in args.mixer_pattern.upper()
+                               or 0 < args.window_long < args.max_seq_len):
+        p.error("--hf-compatible models attend to the whole context in every layer: drop --window-pattern (S), "
+                "--window-long and --mixer-pattern (M)")
     if "M" in args.mixer_pattern.upper():
         from nanochat.mamba import sizes
         try:
@@ -112,7 +122,8 @@ def model_config(args, depth, vocab_size):
                               args.mixer_pattern.upper(), mamba_d_state=args.mamba_d_state, mamba_headdim=args.mamba_headdim,
                               mamba_expand=args.mamba_expand, mamba_chunk=args.mamba_chunk,
                               mamba3_trapezoidal=args.mamba3_trapezoidal, mamba3_rope=args.mamba3_rope,
-                              mamba3_bc_norm=args.mamba3_bc_norm, hf_compatible=args.hf_compatible)
+                              mamba3_bc_norm=args.mamba3_bc_norm, hf_compatible=args.hf_compatible,
+                              window_long=args.window_long, window_short=args.window_short, rotary_base=args.rotary_base)
 
 
 def scaling_params(model):

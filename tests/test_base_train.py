@@ -283,3 +283,29 @@ def test_activation_checkpointing_trains_the_same(workspace, capsys, monkeypatch
         out = capsys.readouterr().out
         losses.append([line.split(" | ")[1] for line in out.splitlines() if line.startswith("step ")])
     assert [part.split(":")[0] for part in losses[0]] == ["loss"] * 3 + ["val bpb"] and losses[1] == losses[0]
+
+
+def test_long_context_flags_are_saved_and_decoded_with(workspace, capsys):
+    """--window-long, --window-short and --rotary-base reach the checkpoint, and the model loaded from it (as every
+    later stage loads it) attends and rotates with them; bad values are one line."""
+    import torch
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import UserError
+    from nanochat.engine import Engine
+    from scripts import base_train
+    base_train.main([*TINY, "--num-iterations=2", "--eval-every=-1", "--model-tag=long", "--window-pattern=SL",
+                     "--window-long=48", "--window-short=16", "--rotary-base=1000000"])
+    capsys.readouterr()
+    model, tokenizer, meta = load_model("base", torch.device("cpu"), torch.float32, model_tag="long")
+    assert (meta["model_config"]["window_long"], meta["model_config"]["window_short"]) == (48, 16)
+    assert model.config.rotary_base == 1e6 and model.windows == [16, 48]  # the last layer always gets L
+    expected_cos = torch.cos(torch.arange(10 * 64)[:, None] / 1e6 ** (torch.arange(0, 32, 2) / 32))
+    assert torch.allclose(model.cos[0, :, 0, :].float(), expected_cos, atol=1e-3)
+    prompt = tokenizer.encode("Hello", prepend=tokenizer.get_bos_token_id())
+    rows, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=70, temperature=0)  # past both windows
+    assert rows[0][:len(prompt)] == prompt and len(rows[0]) > len(prompt)
+    for flags, message in ((["--rotary-base=1"], "--rotary-base=1 must be above 1"),
+                           (["--window-long=16", "--window-short=32"], "--window-short=32 is longer than --window-long=16")):
+        with pytest.raises(SystemExit):
+            base_train.main([*TINY, *flags])
+        assert message in capsys.readouterr().err

@@ -110,9 +110,11 @@ def test_compiled_model_uses_flex_attention_and_matches_eager(monkeypatch):
     assert torch.allclose(compiled, eager, atol=1e-4)
 
 
-def test_kv_cache_decoding_equals_the_full_forward():
-    model = tiny_model()
-    assert model.windows == [256, 256, 256, 1024]  # the test crosses the short window
+@pytest.mark.parametrize("overrides, windows", [({}, [256, 256, 256, 1024]),
+                                               ({"window_long": 100, "window_short": 40, "rotary_base": 1e6}, [40, 40, 40, 100])])
+def test_kv_cache_decoding_equals_the_full_forward(overrides, windows):
+    model = tiny_model(**overrides)
+    assert model.windows == windows  # the test crosses the short window (and, with window_long, the long one)
     torch.manual_seed(3)
     idx = torch.randint(0, 300, (2, 300))
     with torch.no_grad():
