@@ -63,7 +63,7 @@ def hf_config(model, tokenizer):
         "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
         "max_position_embeddings": c.sequence_len, "hidden_act": "relu2",
         "rms_norm_eps": torch.finfo(torch.float32).eps,  # F.rms_norm's default for fp32
-        "rope_parameters": {"rope_theta": float(config.rotary_base), "rope_type": "default"},  # GPT._rotary_tables' base
+        "rope_parameters": {"rope_theta": float(c.rotary_base), "rope_type": "default"},  # GPT._rotary_tables' base
         "final_logit_softcapping": 15.0, "tie_word_embeddings": False, "attention_bias": False,
         "bos_token_id": special("<|bos|>"), "eos_token_id": [special("<|assistant_end|>"), special("<|bos|>")],
         # not BOS: generate() would take every BOS in a prompt for padding and mask it out; an end token it does not

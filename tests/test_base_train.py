@@ -290,7 +290,6 @@ def test_long_context_flags_are_saved_and_decoded_with(workspace, capsys):
     later stage loads it) attends and rotates with them; bad values are one line."""
     import torch
     from nanochat.checkpoint_manager import load_model
-    from nanochat.common import UserError
     from nanochat.engine import Engine
     from scripts import base_train
     base_train.main([*TINY, "--num-iterations=2", "--eval-every=-1", "--model-tag=long", "--window-pattern=SL",
