@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from nanochat.common import UserError, get_base_dir, get_compute_dtype
+from nanochat.common import UserError, get_base_dir, get_compute_dtype, print0
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -127,6 +127,29 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
             cpu_load = lambda path: torch.load(path, map_location="cpu")
             optimizer_state = [read(f"optim_{step:06d}_rank{r}.pt", cpu_load) for r in range(saved_by)]
     return model_state, optimizer_state, meta
+
+
+def load_momenta(optimizer, source_dir, source_step, device, rank, world_size, otherwise="start the optimizer fresh with "
+                 "--load-optimizer=0"):
+    """Start from the source's optimizer state (its momenta; this run's learning rates stay) where it can be had;
+    otherwise: what the error for an unreadable state suggests."""
+    saved_by = optimizer_shard_count(source_dir, source_step)
+    if saved_by == 0:
+        print0("the source has no optimizer state: starting the optimizer fresh")
+        return
+    if optimizer.sharded:  # the whole state (or every rank's shard), in host memory: each rank cuts its own pieces
+        rank, world_size, device = 0, 1, "cpu"
+    elif saved_by != world_size:
+        print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: resharding it")
+    try:
+        _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
+                                            world_size=world_size)
+    except UserError as e:
+        raise UserError(f"{e}; or {otherwise}") from None
+    fresh = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
+    optimizer.load_state_dict(optim_state)
+    for g, (lr, initial) in zip(optimizer.param_groups, fresh):
+        g["lr"], g["initial_lr"] = lr, initial
 
 
 def check_tokenizer(meta, tokenizer, checkpoint_dir):

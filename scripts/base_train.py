@@ -65,6 +65,10 @@ def parse_args(argv):
     p.add_argument("--warmdown-ratio", type=float, default=0.65)
     p.add_argument("--final-lr-frac", type=float, default=0.05)
     p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (-1 = start fresh)")
+    p.add_argument("--init-from", default=None, help="start from this base checkpoint tag's weights, momenta and data "
+                   "position, with a schedule of its own: e.g. a long-context stage at a larger --max-seq-len (only "
+                   "--max-seq-len, --window-long/-short and --rotary-base may differ from it)")
+    p.add_argument("--init-from-step", type=int, default=None, help="the --init-from checkpoint's step (default: the last)")
     # evaluation, sampling and saving
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
     p.add_argument("--eval-tokens", type=int, default=80 * 524288, help="val tokens per evaluation (at most one pass over the split)")
@@ -86,6 +90,10 @@ def parse_args(argv):
                           "--embedding-lr": 0, "--unembedding-lr": 0, "--matrix-lr": 0, "--scalar-lr": 0,
                           "--weight-decay": 0, "--warmup-steps": 0, "--window-long": 0, "--window-short": 0})
     check_folder_name("--model-tag", args.model_tag)
+    if args.init_from is not None and args.resume_from_step >= 0:
+        p.error("--init-from starts a new run from another checkpoint, --resume-from-step continues this one: pick one")
+    if args.init_from_step is not None and args.init_from is None:
+        p.error("--init-from-step needs --init-from")
     if args.num_iterations <= 0 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         p.error("give a horizon: --num-iterations, --target-flops or --target-param-data-ratio")
     if not 0 <= args.warmdown_ratio <= 1:
@@ -171,7 +179,7 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import check_tokenizer, load_checkpoint, save_stage
+    from nanochat.checkpoint_manager import check_tokenizer, find_checkpoint, load_checkpoint, load_momenta, save_stage
     from nanochat.dataloader import resplit_states, tokenizing_distributed_data_loader
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8, mixer_kinds
@@ -225,6 +233,22 @@ def main(argv=None):
         model.cast_embeddings()
         resume = (optim_state, meta)
         print0(f"resuming from {checkpoint_dir} step {args.resume_from_step}")
+    init = None
+    if args.init_from is not None:  # a new stage from another run: its weights now, its momenta once there is an optimizer
+        init_dir, init_step = find_checkpoint("base", args.init_from, args.init_from_step)
+        model_state, _, meta = load_checkpoint(init_dir, init_step, build_device, step_flag="--init-from-step")
+        check_tokenizer(meta, tokenizer, init_dir)
+        context = {"sequence_len", "window_long", "window_short", "rotary_base"}
+        changed = [f"{k}: saved {v}, now {getattr(config, k)}" for k, v in meta["model_config"].items()
+                   if k not in context and getattr(config, k, v) != v]
+        if changed:
+            raise UserError(f"{init_dir} step {init_step} is another model ({'; '.join(changed)}): give this run its "
+                            "flags; only --max-seq-len, --window-long, --window-short and --rotary-base may differ")
+        model.load_state_dict(model_state, strict=True, assign=True)
+        model.cast_embeddings()
+        init = (init_dir, init_step, meta)
+        print0(f"starting from {init_dir} step {init_step} (trained at {meta['model_config']['sequence_len']} tokens "
+               f"a row; this run: {config.sequence_len})")
 
     if args.fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
@@ -266,6 +290,9 @@ def main(argv=None):
                                       scalar_lr=args.scalar_lr * lr_scale)
     if resume is not None:
         optimizer.load_state_dict(resume[0])
+    if init is not None:
+        load_momenta(optimizer, init[0], init[1], device, rank, world_size,
+                     otherwise=f"pick another --init-from-step ({init[0]})")
     scaler = LossScaler(dtype, device.type)
 
     model.activation_checkpointing = args.activation_checkpointing
@@ -281,6 +308,8 @@ def main(argv=None):
 
     # --- data ---
     loader_states = resume[1]["dataloader_state_dicts"] if resume else [None] * data_ranks
+    if init is not None:  # on from where the source's data stopped (its buffered rows were packed for its length)
+        loader_states = resplit_states(init[2]["dataloader_state_dicts"], data_ranks)
     if len(loader_states) != data_ranks:  # resumed on another number of processes (the optimizer state reshards too)
         print0(f"resuming {len(loader_states)} data-parallel ranks' positions on {data_ranks}: all restart where the least "
                "advanced one was, so a few documents are read again and the buffered ones skipped")
@@ -382,6 +411,7 @@ def main(argv=None):
            f"min val bpb: {loop['min_val_bpb']:.6f}")
     wandb_run.finish()
     print_result("base_train", model_tag=model_tag, checkpoint_dir=checkpoint_dir, step=step, depth=args.depth,
+                 init_from=f"{init[0]} step {init[1]}" if init else None,
                  mixers="".join(mixer_kinds(config)), num_params=counts["total"], num_scaling_params=n_scaling, flops_per_token=flops_per_token,
                  total_batch_size=total_batch_size, num_iterations=num_iterations, tokens=total_tokens,
                  val_bpb=val_bpb, val_tokens=val_tokens, min_val_bpb=loop["min_val_bpb"], core_metric=core_metric,

@@ -117,28 +117,6 @@ def parse_args(argv, stage):
     return args
 
 
-def load_momenta(optimizer, source_dir, source_step, device, rank, world_size):
-    """Start from the source's optimizer state (its momenta; this run's learning rates stay) where it can be had."""
-    from nanochat.checkpoint_manager import load_checkpoint, optimizer_shard_count
-    saved_by = optimizer_shard_count(source_dir, source_step)
-    if saved_by == 0:
-        print0("the source has no optimizer state: starting the optimizer fresh")
-        return
-    if optimizer.sharded:  # the whole state (or every rank's shard), in host memory: each rank cuts its own pieces
-        rank, world_size, device = 0, 1, "cpu"
-    elif saved_by != world_size:
-        print0(f"the source's optimizer state was saved by {saved_by} processes, this run has {world_size}: resharding it")
-    try:
-        _, optim_state, _ = load_checkpoint(source_dir, source_step, device, load_optimizer=True, rank=rank,
-                                            world_size=world_size)
-    except UserError as e:
-        raise UserError(f"{e}; or start the optimizer fresh with --load-optimizer=0") from None
-    fresh = [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups]
-    optimizer.load_state_dict(optim_state)
-    for g, (lr, initial) in zip(optimizer.param_groups, fresh):
-        g["lr"], g["initial_lr"] = lr, initial
-
-
 def main(argv=None, stage="sft"):
     args = parse_args(argv, stage)
     kb = open_kb(args)
@@ -146,7 +124,7 @@ def main(argv=None, stage="sft"):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint_manager import find_checkpoint, load_model, save_stage
+    from nanochat.checkpoint_manager import find_checkpoint, load_model, load_momenta, save_stage
     from nanochat.dataloader import conversation_batches
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.optimizers import LossScaler, progress_lr_multiplier

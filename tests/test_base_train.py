@@ -308,3 +308,32 @@ def test_long_context_flags_are_saved_and_decoded_with(workspace, capsys):
         with pytest.raises(SystemExit):
             base_train.main([*TINY, *flags])
         assert message in capsys.readouterr().err
+
+
+def test_a_long_context_stage_starts_from_a_shorter_run(workspace, capsys, monkeypatch):
+    """--init-from: the weights, momenta and data position of a run at 32 tokens a row, trained on at 64 with another
+    rotary base, as a new run of its own. With the learning rates at 0 the weights stay the source's exactly, and AdamW's
+    step count goes on from the source's."""
+    import torch
+    from nanochat.common import UserError
+    from scripts import base_train
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    short = [arg for arg in TINY if not arg.startswith("--max-seq-len")]
+    base_train.main([*short, "--max-seq-len=32", "--num-iterations=3", "--eval-every=-1", "--model-tag=short"])
+    zero = ["--embedding-lr=0", "--unembedding-lr=0", "--matrix-lr=0", "--scalar-lr=0"]
+    base_train.main([*short, "--max-seq-len=64", "--rotary-base=500000", "--num-iterations=1", "--eval-every=-1",
+                     "--model-tag=long", "--init-from=short", *zero])
+    out = capsys.readouterr().out
+    assert "starting from " in out and "(trained at 32 tokens a row; this run: 64)" in out
+    assert result(subprocess.CompletedProcess([], 0, out, ""))["init_from"].endswith("short step 3")
+    source = torch.load(workspace / "base_checkpoints" / "short" / "model_000003.pt")
+    continued = torch.load(workspace / "base_checkpoints" / "long" / "model_000001.pt")
+    fixed_lr = {"smear_gate.weight", "smear_lambda", "backout_lambda"}  # their group's lr (0.2) has no flag
+    assert all(torch.equal(source[k], continued[k]) for k in source if k not in fixed_lr)
+    steps = [s["step"] for s in torch.load(workspace / "base_checkpoints" / "long" / "optim_000001_rank0.pt")["state"].values()
+             if "step" in s]
+    assert steps and set(steps) == {4}
+    meta = json.loads((workspace / "base_checkpoints" / "long" / "meta_000001.json").read_text())
+    assert meta["model_config"]["sequence_len"] == 64 and meta["model_config"]["rotary_base"] == 500000
+    with pytest.raises(UserError, match="is another model \\(n_layer: saved 2, now 3; .*only --max-seq-len"):
+        base_train.main([*short, "--depth=3", "--num-iterations=1", "--init-from=short"])
