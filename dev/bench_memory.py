@@ -24,15 +24,14 @@ import sys
 
 GIB = 2 ** 30
 BUDGET = 75 * GIB  # of the 79.6 GiB an 80 GB H100 shows
-MODES = ("ddp", "fsdp", "tp", "fsdp+tp")
 ROW = 64  # tokens per row in the measurements
 
 
 def divisor(name, mode, world, tp):
     """How many ranks share each element of parameter `name` (see nanochat/parallel.py)."""
-    split_by_tp = name.startswith(("transformer.h.", "value_embeds."))
-    return {"ddp": 1, "fsdp": world, "tp": tp if split_by_tp else 1,
-            "fsdp+tp": world if split_by_tp else world // tp}[mode]
+    from nanochat.parallel import split_by_tp
+    split = split_by_tp(name)
+    return {"ddp": 1, "fsdp": world, "tp": tp if split else 1, "fsdp+tp": world if split else world // tp}[mode]
 
 
 def static_bytes(model, mode, world, tp):
@@ -195,7 +194,7 @@ def main(argv=None):
     import dataclasses
 
     from nanochat.gpt import build_model_config
-    from nanochat.parallel import check
+    from nanochat.parallel import MODES, check
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",

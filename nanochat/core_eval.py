@@ -143,12 +143,13 @@ def evaluate_example(model, tokenizer, kind, item, fewshot, delim, device):
     return mean_losses.index(min(mean_losses)) == item["gold"]
 
 
-def evaluate_task(model, tokenizer, task, data, device, split=True):
-    """Accuracy on one task; examples are split across ranks and the results summed (split=False: every rank
-    evaluates every example, as a sharded model needs: each forward pass is a collective)."""
+def evaluate_task(model, tokenizer, task, data, device):
+    """Accuracy on one task; examples are split across ranks and the results summed (a sharded model's every rank
+    evaluates every example instead: each forward pass is a collective)."""
+    from nanochat.parallel import is_sharded
     kind, delim = task["icl_task_type"], task.get("continuation_delimiter", " ")
     num_fewshot = task["num_fewshot"][0] if isinstance(task["num_fewshot"], list) else task["num_fewshot"]
-    distributed = split and dist.is_available() and dist.is_initialized()
+    distributed = dist.is_available() and dist.is_initialized() and not is_sharded(model)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx in range(rank, len(data), world):
@@ -160,7 +161,7 @@ def evaluate_task(model, tokenizer, task, data, device, split=True):
     return correct.mean().item()
 
 
-def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle=None, split=True):
+def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle=None):
     """{"results": accuracy per task, "centered_results": centred accuracy per task, "core_metric": their mean}."""
     bundle = bundle or get_eval_bundle()
     results, centered = {}, {}
@@ -171,7 +172,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle=None, split=
         if max_per_task > 0:
             data = data[:max_per_task]
         label = task["label"]
-        results[label] = evaluate_task(model, tokenizer, task, data, device, split)
+        results[label] = evaluate_task(model, tokenizer, task, data, device)
         centered[label] = (results[label] - 0.01 * baseline) / (1 - 0.01 * baseline)
         print0(f"{label:<40} accuracy {results[label]:.4f} | centered {centered[label]:+.4f} ({len(data)} examples)")
     core = sum(centered.values()) / len(centered)

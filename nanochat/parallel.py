@@ -19,6 +19,11 @@ from nanochat.common import UserError
 MODES = ("ddp", "fsdp", "tp", "fsdp+tp")
 
 
+def split_by_tp(name):
+    """Whether tensor parallelism splits the parameter `name` (the blocks' weights, the value embeddings)."""
+    return name.startswith(("transformer.h.", "value_embeds."))
+
+
 def data_split(mode, tp, rank, world_size):
     """(which share of the data this rank reads, how many shares): the ranks of one tp group read the same rows."""
     if "tp" in mode:
@@ -81,7 +86,7 @@ def parallelize(model, mode, tp, device):
         # tp group, up to the order of a GPU kernel's atomic adds (the embedding's backward): the optimizer averages
         # it over the group, so the copies cannot drift apart
         for name, p in model.named_parameters():
-            if not name.startswith(("transformer.h.", "value_embeds.")):
+            if not split_by_tp(name):
                 p.tp_group = mesh["tp"].get_group()
     return model
 

@@ -342,8 +342,7 @@ def main(argv=None):
         if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
             from nanochat.core_eval import evaluate_core
             orig_model.eval()
-            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, bundle=core_bundle,
-                                 split=not sharded)  # a sharded model's forward is a collective: every rank runs all
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, bundle=core_bundle)
             core_metric = core["core_metric"]
             print0(f"step {step:05d} | CORE: {core_metric:.4f}")
             wandb_run.log({"step": step, "core_metric": core_metric, "centered_results": core["centered_results"]})

@@ -191,8 +191,7 @@ def main(argv=None, stage="sft"):
     def chatcore_eval():  # chat_eval's evaluation (512 new tokens, the same problems), capped for speed
         from tasks.common import BASELINES, chatcore, evaluate_chat_tasks
         max_cat = None if args.chatcore_max_cat < 0 else args.chatcore_max_cat
-        results = evaluate_chat_tasks(list(BASELINES), model, tokenizer, max_cat, args.chatcore_max_sample, batch_size=B,
-                                      split=not sharded)  # a sharded model's forward is a collective: every rank runs all
+        results = evaluate_chat_tasks(list(BASELINES), model, tokenizer, max_cat, args.chatcore_max_sample, batch_size=B)
         accuracies = {name: hits / max(n, 1) for name, hits, n in results}
         return accuracies, chatcore(accuracies)
 

@@ -241,17 +241,19 @@ def chat_task(name, rag=None, hops=None):
 
 
 def evaluate_chat_tasks(names, model, tokenizer, max_categorical=None, max_generative=None, batch_size=8, num_samples=1,
-                        max_new_tokens=512, temperature=0.0, top_k=50, rag=None, split=True):
+                        max_new_tokens=512, temperature=0.0, top_k=50, rag=None):
     """
     Yield (name, correct, total) per task, summed across ranks: the one evaluation behind chat_eval and ChatCORE
     during SFT. max_categorical / max_generative cap the problems of each kind (None: all). A RAG task yields
     "NAME 1-hop" and "NAME multi-hop" (each capped), then NAME, their sum; the Engine searches rag's kb.
-    split=False: every rank evaluates every problem, as a sharded model (--parallel fsdp/tp) needs.
+    A sharded model (--parallel fsdp/tp) has every rank evaluate every problem: each forward pass is a collective.
     """
     import torch
     import torch.distributed as dist
     from nanochat.common import get_dist_info
     from nanochat.engine import Engine
+    from nanochat.parallel import is_sharded
+    split = not is_sharded(model)
     _, rank, _, world_size = get_dist_info() if split else (False, 0, 0, 1)
     rag = rag or {}
     engine = Engine(model, tokenizer, rag.get("kb"), rag.get("retriever", "bm25"), rag.get("top_k", 3))
