@@ -183,7 +183,7 @@ def fit(m, world, compiled=None):
 
 
 def main(argv=None):
-    from nanochat.common import Flags, print_result
+    from nanochat.common import Flags, UserError, print_result
     p = Flags(description="Training memory per rank under each --parallel mode.")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size for tp (every GPU) is --gpus; this is fsdp+tp's")
@@ -199,8 +199,10 @@ def main(argv=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                           "-m", "dev.bench_memory", "--worker"], capture_output=True, text=True, env=env, timeout=1200)
-    if run.returncode:
-        sys.exit(run.stderr[-3000:])
+    if run.returncode:  # one line: the error the measuring processes ended in
+        last = next((line for line in reversed(run.stderr.splitlines()) if "Error" in line), "no error line")
+        raise UserError(f"the 4 measuring processes failed ({last.strip()[:200]}): run python -m torch.distributed.run "
+                        "--standalone --nproc-per-node=4 -m dev.bench_memory --worker to see why")
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     world = measured["world"]
     coef = fit(measured["ranks"][0], world)
@@ -237,7 +239,7 @@ def main(argv=None):
         for mode in MODES:
             tp = {"ddp": 1, "fsdp": 1, "tp": args.gpus, "fsdp+tp": args.tp}[mode]
             try:
-                check(mode, tp, args.gpus, config)
+                check(mode, tp, args.gpus, config, planned=True)
             except Exception as e:  # the heads do not split this way
                 print(f"| d{depth} | {n / 1e9:.2f}B | {mode} | {str(e).split(':')[0]} |||||")
                 continue

@@ -31,9 +31,10 @@ def data_split(mode, tp, rank, world_size):
     return rank, world_size
 
 
-def check(mode, tp, world_size, config):
-    """The tensor-parallel size for this run (--tp 0: every process), or one line saying what to change."""
-    if mode != "ddp" and not torch.distributed.is_initialized():
+def check(mode, tp, world_size, config, planned=False):
+    """The tensor-parallel size for this run (--tp 0: every process), or one line saying what to change. planned:
+    a run being sized, not this one (dev/bench_memory.py), so no processes need to be there."""
+    if mode != "ddp" and not planned and not torch.distributed.is_initialized():
         raise UserError(f"--parallel {mode} shards the model over processes: launch with torchrun (even one process), "
                         "or train plainly with --parallel ddp")
     if "tp" not in mode:
