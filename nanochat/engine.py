@@ -149,15 +149,6 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
 
 
-def answer_budget(model, prompt_len, max_tokens):
-    """
-    How many tokens an answer to a prompt_len-token prompt may take: max_tokens, cut where the rotary tables end
-    (10x the training context). The prompt itself must be shorter than the context the model was trained on
-    (model.config.sequence_len): chat_web refuses longer conversations, chat_cli drops their oldest turns.
-    """
-    return min(max_tokens, model.cos.size(1) - prompt_len)
-
-
 class RowState:
     """One sample's progress: tokens queued to be forced (tool output), the tool-call buffer, whether it ended."""
 
@@ -171,15 +162,25 @@ SEARCH = "search:"  # a tool call that starts so is a search of the knowledge ba
 
 
 class Engine:
-    def __init__(self, model, tokenizer, kb=None, retriever="bm25", passages=3):
-        """kb: a retrieval.KnowledgeBase for search calls (None: they are told there is none)."""
+    def __init__(self, model, tokenizer, kb=None, retriever="bm25", passages=3, past_context=False):
+        """
+        kb: a retrieval.KnowledgeBase for search calls (None: they are told there is none). Generation stops at the
+        context the model was trained on (config.sequence_len); past_context lets it run on to the end of the rotary
+        tables (10x), untrained ground where answers usually degrade.
+        """
         from nanochat.parallel import is_sharded
         self.model = model
         self.tokenizer = tokenizer
         self.kb, self.retriever, self.passages = kb, retriever, passages
+        self.past_context = past_context
+        self.positions = model.cos.size(1) if past_context else model.config.sequence_len
         # a sharded model (training with --parallel fsdp/tp) decodes on every rank, each forward pass a collective:
         # every rank goes on with rank 0's tokens, so all of them stop after the same number of steps
         self.follow_rank0 = is_sharded(model) and torch.distributed.is_initialized()
+
+    def answer_budget(self, prompt_len, max_tokens):
+        """How many tokens an answer to a prompt_len-token prompt may take: max_tokens, cut where the positions end."""
+        return max(0, min(max_tokens, self.positions - prompt_len))
 
     def search(self, query):
         """The passages a search for query gets (the knowledge base memoises them: asking again for citations is free)."""
@@ -200,7 +201,7 @@ class Engine:
         """
         Yield (token_column, mask_column) per step: one token per sample, mask 1 if sampled, 0 if forced by a tool.
         Stops when every sample has ended (<|assistant_end|> or <|bos|>) or after max_tokens steps; prompt and
-        max_tokens must fit the rotary tables (answer_budget gives the most that does).
+        max_tokens must fit the positions generation may reach (answer_budget gives the most that does).
         """
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of token ids")
@@ -214,9 +215,11 @@ class Engine:
         capacity = len(tokens) + max_tokens if max_tokens is not None else model.config.sequence_len
         if capacity <= len(tokens):
             return
-        if capacity > model.cos.size(1):  # the model has no positions past its rotary tables
-            raise ValueError(f"{len(tokens)} prompt tokens + max_tokens={max_tokens} run past the model's "
-                             f"{model.cos.size(1)} positions: cut max_tokens with answer_budget()")
+        if capacity > self.positions:
+            where = (f"the model's {self.positions} positions" if self.past_context else
+                     f"the {self.positions}-token context the model was trained on")
+            raise ValueError(f"{len(tokens)} prompt tokens + max_tokens={max_tokens} run past {where}: cut max_tokens "
+                             f"with answer_budget(){'' if self.past_context else ', or allow past_context'}")
 
         # 1) prefill the prompt once, at batch 1; every sample draws its first token from these logits independently
         prefill_cache = KVCache.for_model(model, 1, len(tokens))

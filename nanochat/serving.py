@@ -181,10 +181,9 @@ def add_passages(messages, engine):
     return citation(query, passages)
 
 
-def prepare(req, messages, tokenizer, model, defaults, conversation_is="the conversation is"):
+def prepare(req, messages, tokenizer, engine, defaults, conversation_is="the conversation is"):
     """Turn a valid request and its conversation(req) into (prompt tokens, sampling settings)."""
-    from nanochat.engine import answer_budget
-    sequence_len = model.config.sequence_len
+    sequence_len = engine.model.config.sequence_len
     try:
         tokens = tokenizer.render_for_completion({"messages": messages})
     except ValueError as e:
@@ -193,7 +192,7 @@ def prepare(req, messages, tokenizer, model, defaults, conversation_is="the conv
         raise RequestError(f"messages: {conversation_is} {len(tokens)} tokens, more than this model reads "
                            f"({sequence_len}): start a new conversation", "messages")
     max_tokens = next((m for m in (req.max_tokens, req.max_completion_tokens) if m is not None), defaults["max_tokens"])
-    max_tokens = answer_budget(model, len(tokens), max_tokens)
+    max_tokens = engine.answer_budget(len(tokens), max_tokens)  # an answer that reaches it ends with "length"
     temperature = defaults["temperature"] if req.temperature is None else req.temperature
     top_k = defaults["top_k"] if req.top_k is None else req.top_k
     seed = req.seed if req.seed is not None else random.randrange(2**31)

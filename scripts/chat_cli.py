@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("-m", "--max-tokens", type=int, default=256, help="longest answer, in tokens")
+    p.add_argument("--past-context", action="store_true", help="let answers run past the context the model was trained on, to the end of its rotary tables (10x); "
+                   "untrained ground, where answers usually degrade")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     add_kb_flags(p)
     args = p.parse_args(argv)
@@ -47,14 +49,14 @@ def main(argv=None):
     kb = open_kb(args)
 
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine, TextStream, answer_budget
+    from nanochat.engine import Engine, TextStream
 
     # Ctrl-C stops an answer even when this was started from a script, whose background jobs ignore it by default
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, _ = load_model(args.source, device, get_compute_dtype(device.type)[0], model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer, kb, args.retriever, args.passages)
+    engine = Engine(model, tokenizer, kb, args.retriever, args.passages, args.past_context)
     sp = tokenizer.encode_special
     bos, user_start, assistant_end = tokenizer.get_bos_token_id(), sp("<|user_start|>"), sp("<|assistant_end|>")
     prompt_limit = model.config.sequence_len  # a prompt must be shorter than the context the model was trained on
@@ -99,11 +101,13 @@ def main(argv=None):
                   f"{'turn' if dropped == 1 else f'{dropped} turns'})")
         print("\nAssistant: ", end="", flush=True)
         stream, answer, t0 = TextStream(tokenizer, engine.search if kb else None), [], time.time()
+        budget, start, ended = engine.answer_budget(len(tokens), args.max_tokens), len(tokens), False
         try:
-            for column, _ in engine.generate(tokens, max_tokens=answer_budget(model, len(tokens), args.max_tokens),
+            for column, _ in engine.generate(tokens, max_tokens=budget,
                                              temperature=args.temperature, top_k=args.top_k or None, seed=int(time.time())):
                 token = column[0]
                 if token in (assistant_end, bos):
+                    ended = True
                     break
                 tokens.append(token)
                 piece = stream.push(token)
@@ -116,6 +120,9 @@ def main(argv=None):
             print(" [stopped]", end="")
         answer.append(stream.flush())  # a tool call the answer stopped in
         print(answer[-1], end="")
+        if not ended and len(tokens) - start == budget < args.max_tokens:  # the context ran out, not -m
+            print(f" [stopped: the conversation filled the {engine.positions} tokens this model "
+                  f"{'can place' if args.past_context else 'was trained on; --past-context lets answers run on'}]", end="")
         searches += len(stream.searches)
         tokens.append(assistant_end)  # also when the length limit or Ctrl-C stopped the answer
         seconds += time.time() - t0

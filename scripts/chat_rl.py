@@ -63,7 +63,7 @@ def main(argv=None):
     import torch.distributed as dist
 
     from nanochat.checkpoint_manager import find_checkpoint, load_model, save_stage
-    from nanochat.engine import SEARCH, Engine, answer_budget
+    from nanochat.engine import SEARCH, Engine
     from nanochat.optimizers import LossScaler
     from tasks.gsm8k import GSM8K, SyntheticMath
 
@@ -108,8 +108,8 @@ def main(argv=None):
     wandb_run = init_wandb(args.run, "nanochat-rl", vars(args), master)
 
     def budget(prompt):
-        """--max-new-tokens, cut where the model's positions end."""
-        return answer_budget(model, len(prompt), args.max_new_tokens)
+        """--max-new-tokens, cut where the context the model was trained on ends."""
+        return engine.answer_budget(len(prompt), args.max_new_tokens)
 
     def rollouts(example_index, step):
         """Yield (inputs, targets, rewards) for device_batch_size samples at a time of one problem."""

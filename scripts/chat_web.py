@@ -144,7 +144,7 @@ def create_app(workers, default_temperature=0.8, default_top_k=50, default_max_t
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins or ["*"], allow_methods=["*"], allow_headers=["*"])
     add_error_handlers(app)
     pool = WorkerPool(workers, max_queue)
-    tokenizer, model = workers[0].tokenizer, workers[0].model
+    tokenizer = workers[0].tokenizer
     defaults = dict(temperature=default_temperature, top_k=default_top_k, max_tokens=default_max_tokens)
     with open(os.path.join(os.path.dirname(nanochat.__file__), "ui.html")) as f:
         ui_html = f.read()
@@ -154,7 +154,7 @@ def create_app(workers, default_temperature=0.8, default_top_k=50, default_max_t
         messages = conversation(req)
         context = rag_mode == "context" and workers[0].engine.kb is not None
         citations = [await asyncio.to_thread(add_passages, messages, workers[0].engine)] if context else []
-        tokens, settings = prepare(req, messages, tokenizer, model, defaults, "with the passages placed before its "
+        tokens, settings = prepare(req, messages, tokenizer, workers[0].engine, defaults, "with the passages placed before its "
                                    "question, the conversation is" if context else "the conversation is")
         worker = await pool.acquire(request)
         return Generation(pool, worker, tokens, settings, req.choices, req.stops, citations), worker, tokens
@@ -244,6 +244,8 @@ def main(argv=None):
                    "and again its body")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     add_kb_flags(p)
+    p.add_argument("--past-context", action="store_true", help="let answers run past the context the model was trained on, to the end of its rotary tables (10x); "
+                   "untrained ground, where answers usually degrade")
     p.add_argument("--rag-mode", default="search", choices=["search", "context"], help="with --kb: the model searches "
                    "it (a model trained to, as RAG SFT teaches), or each question gets its passages placed before it")
     args = p.parse_args(argv)
@@ -281,7 +283,7 @@ def main(argv=None):
     workers = []
     for gpu_id, dev in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, dev, dtype, model_tag=args.model_tag, step=args.step)
-        workers.append(Worker(Engine(model, tokenizer, kb, args.retriever, args.passages), dev, gpu_id))
+        workers.append(Worker(Engine(model, tokenizer, kb, args.retriever, args.passages, args.past_context), dev, gpu_id))
     model_name = f"nanochat-{args.source}-{args.model_tag or 'd' + str(workers[0].model.config.n_layer)}-step{meta['step']}"
     def report(stats):
         print_result("chat_web", model=model_name, workers=len(workers), requests=stats["requests"],

@@ -162,16 +162,15 @@ def evaluate_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=5
                         max_problems=None, rank=0, world_size=1):
     """
     pass@num_samples: a problem passes if any sample does. Returns (passed, total) on this rank. Answers stop at
-    max_new_tokens or where the model's positions end (engine.answer_budget), whichever comes first.
+    max_new_tokens or where the engine's positions end (engine.answer_budget), whichever comes first.
     """
-    from nanochat.engine import answer_budget
     passed = total = 0
     n = len(task) if max_problems is None else min(len(task), max_problems)
     for i in range(rank, n, world_size):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, temperature=temperature, top_k=top_k,
-                                             max_tokens=answer_budget(engine.model, len(prompt), max_new_tokens), seed=i)
+                                             max_tokens=engine.answer_budget(len(prompt), max_new_tokens), seed=i)
         completions = [tokenizer.decode(s[len(prompt):]) for s in sequences]
         passed += any(task.evaluate(conversation, c) for c in completions)
         total += 1

@@ -107,3 +107,16 @@ def test_text_stream_shows_tool_calls_and_whole_characters(tokenizer):
     stream = TextStream(tokenizer)  # a call the calculator could not answer still closes
     ids = [sp("<|python_start|>"), *tokenizer.encode("x+1"), sp("<|python_end|>"), *tokenizer.encode(" ok")]
     assert "".join(stream.push(t) for t in ids) == "[calculator: x+1] ok"
+
+
+def test_answers_stop_where_the_trained_context_ends_unless_past_context(base_dir, tokenizer):
+    make_chat_model_dir(base_dir, tokenizer, sequence_len=32)  # a model whose answers never end, trained on 32 tokens
+    proc = run_cli(base_dir, "-i", "base", "-p", "hi", "-t", "0", "-m", "100")
+    assert proc.returncode == 0, proc.stderr
+    prompt = len(tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}]}))
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens_generated"] == 32 - prompt
+    assert "[stopped: the conversation filled the 32 tokens this model was trained on; --past-context lets answers " \
+           "run on]" in proc.stdout
+    proc = run_cli(base_dir, "-i", "base", "-p", "hi", "-t", "0", "-m", "100", "--past-context")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens_generated"] == 100 and "[stopped" not in proc.stdout

@@ -36,7 +36,7 @@ def free_port():
 
 def make_chat_model_dir(root, tokenizer, folder="base_checkpoints", sequence_len=1024):
     """A tiny model that never ends its answers (the stop tokens' logits are pinned at 0): streams stay open, and
-    greedy answers run as long as they may (its rotary tables end at 10 x sequence_len)."""
+    greedy answers run as long as they may (to sequence_len; with --past-context to 10 x sequence_len)."""
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len)
     with torch.no_grad():
         for name in ("<|assistant_end|>", "<|bos|>"):

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from nanochat.engine import Engine, KVCache, answer_budget, sample_next_token, use_calculator
+from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
 from test_gpt import tiny_model
 
 
@@ -36,14 +36,19 @@ def test_sampled_engine_equals_naive_generation_with_the_same_seed(model_and_tok
     assert list(model.generate(prompt, 5, temperature=1e-38)) == list(model.generate(prompt, 5, temperature=0))
 
 
-def test_answers_end_where_the_rotary_table_does(tokenizer):
+def test_answers_end_where_the_trained_context_does_unless_allowed_past_it(tokenizer):
+    """Generation stops at the context the model was trained on; past_context lets it run to the rotary tables' end."""
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=8).eval()  # 80 positions
-    engine, prompt = Engine(model, tokenizer), tokenizer.encode("the river", prepend=tokenizer.get_bos_token_id())
-    with pytest.raises(ValueError, match=f"{len(prompt)} prompt tokens \\+ max_tokens=1000 run past the model's 80 "
-                                         "positions: cut max_tokens with answer_budget"):
-        next(engine.generate(prompt, max_tokens=1000))
-    budget = answer_budget(model, len(prompt), 1000)
-    assert budget == 80 - len(prompt) and len(list(engine.generate(prompt, max_tokens=budget, temperature=0))) <= budget
+    prompt = tokenizer.encode("the river", prepend=tokenizer.get_bos_token_id())
+    for engine, positions, message in ((Engine(model, tokenizer), 8, "the 8-token context the model was trained on: "
+                                        "cut max_tokens with answer_budget\\(\\), or allow past_context"),
+                                       (Engine(model, tokenizer, past_context=True), 80, "the model's 80 positions: cut "
+                                        "max_tokens with answer_budget\\(\\)$")):
+        with pytest.raises(ValueError, match=f"{len(prompt)} prompt tokens \\+ max_tokens=1000 run past {message}"):
+            next(engine.generate(prompt, max_tokens=1000))
+        budget = engine.answer_budget(len(prompt), 1000)
+        assert budget == positions - len(prompt) and len(list(engine.generate(prompt, max_tokens=budget))) <= budget
+    assert Engine(model, tokenizer).answer_budget(len(prompt) + 5, 1000) == 0  # a prompt past the context: no answer
 
 
 def test_sampling_is_seeded_and_first_tokens_differ(model_and_tokenizer):
@@ -81,10 +86,10 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, script, vocab_size):
         super().__init__()
         self.script, self.vocab_size = script, vocab_size
-        self.config = type("Config", (), {"sequence_len": 256, "n_kv_head": 1, "n_embd": 4, "n_head": 1, "n_layer": 1})()
+        self.config = type("Config", (), {"sequence_len": 512, "n_kv_head": 1, "n_embd": 4, "n_head": 1, "n_layer": 1})()
         self.compute_dtype = torch.float32
-        self.windows = [256]  # one attention layer
-        self.cos = torch.zeros(1, 10 * 256, 1, 1)  # a rotary table's length: all the Engine reads of it
+        self.windows = [512]  # one attention layer
+        self.cos = torch.zeros(1, 10 * 512, 1, 1)  # a rotary table's length: all the Engine reads of it
         self.seen = []  # the token columns the engine fed back
 
     def get_device(self):

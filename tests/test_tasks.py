@@ -167,8 +167,8 @@ class Recorded(Task):
         return 0
 
 
-def test_generative_eval_answers_stop_where_the_rotary_table_ends(tokenizer):
-    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=8).eval()  # rotary tables: 80 positions
+def test_generative_eval_answers_stop_where_the_trained_context_ends(tokenizer):
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=32).eval()
     stops = torch.tensor([tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()])
     positions = []  # tokens fed to the model per forward: the prompt, then one per step
 
@@ -178,7 +178,7 @@ def test_generative_eval_answers_stop_where_the_rotary_table_ends(tokenizer):
     model.register_forward_hook(never_ends)
     task = Recorded()
     assert evaluate_generative(task, tokenizer, Engine(model, tokenizer), max_new_tokens=512) == (0, 1)
-    assert sum(positions) == 80 and task.completions[0]  # the answer ran to the table's last position
+    assert sum(positions) == 32 and task.completions[0]  # the answer ran to the context's last position
 
 
 def test_humaneval_is_in_the_references_shuffled_order():
