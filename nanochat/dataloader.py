@@ -64,7 +64,15 @@ def document_chunks(files, position, rank, world_size, chunk_docs, epochs=None):
         epoch, pq_start = epoch + 1, 0
 
 
-def _tokenize_ahead(chunks, tokenizer, threads, out, stop):
+def encode_documents(tokenizer, doc_ids, texts, fim=None, threads=8):
+    """Each document's tokens, <bos> first: as written, or through the FIM transform (nanochat/fim.py), whose choices
+    are seeded by the documents' ids."""
+    if fim is not None:
+        return fim.encode(doc_ids, texts, threads)
+    return tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id(), num_threads=threads)
+
+
+def _tokenize_ahead(chunks, tokenizer, threads, out, stop, fim=None):
     """
     Background thread: tokenize chunks (tiktoken releases the GIL) and queue them in order, then None at the end.
     It ends when the loader is closed or the main thread exits, so an abandoned loader never blocks shutdown.
@@ -80,11 +88,10 @@ def _tokenize_ahead(chunks, tokenizer, threads, out, stop):
             except queue.Full:
                 pass
     try:
-        bos = tokenizer.get_bos_token_id()
         for doc_ids, texts, after in chunks:
             if not running():
                 return
-            tokens = tokenizer.encode(texts, prepend=bos, num_threads=threads)
+            tokens = encode_documents(tokenizer, doc_ids, texts, fim, threads)
             put((doc_ids, [np.array(t, dtype=np.int32) for t in tokens], after))
         put(None)
     except BaseException as e:  # hand any failure to the consumer, which re-raises it
@@ -116,7 +123,7 @@ def resplit_states(states, world_size):
              "world_size": world_size, "buffer": [], "resplit_from": old_world} for rank in range(world_size)]
 
 
-def _restore_buffer(files, doc_ids, tokenizer):
+def _restore_buffer(files, doc_ids, tokenizer, fim=None):
     """Re-read and re-tokenize the buffered documents named in a saved state, in their saved order."""
     wanted = defaultdict(list)
     for pq_idx, rg_idx, row in doc_ids:
@@ -133,19 +140,26 @@ def _restore_buffer(files, doc_ids, tokenizer):
             if not 0 <= row < len(group):
                 raise UserError(STATE_MISMATCH)
             texts[(pq_idx, rg_idx, row)] = group[row]
-    tokens = tokenizer.encode([texts[tuple(i)] for i in doc_ids], prepend=tokenizer.get_bos_token_id())
+    tokens = encode_documents(tokenizer, doc_ids, [texts[tuple(i)] for i in doc_ids], fim)
     return [np.array(t, dtype=np.int32) for t in tokens]
 
 
 def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", resume_state=None, tokenizer_threads=4,
                                        tokenizer_batch_size=128, buffer_size=1000, data_dir=None, rank=None, world_size=None,
-                                       epochs=None):
+                                       epochs=None, fim_rate=0.0, fim_spm_rate=0.5):
     """
     Yield (inputs, targets, state): inputs and targets are (B, T) int64 on device, targets shifted by one.
     Forever, or with epochs=N until N passes over this rank's documents are used up (evaluation: one pass), the last
     batch padded with targets -1. Pass a yielded state as resume_state to continue right after that batch.
-    rank/world_size default to torchrun's.
+    rank/world_size default to torchrun's. fim_rate: the share of documents rearranged for fill-in-the-middle
+    (nanochat/fim.py), SPM with probability fim_spm_rate; train split only, so val bpb stays comparable.
     """
+    fim = None
+    if fim_rate > 0:
+        if split != "train":
+            raise ValueError(f"fill-in-the-middle rearranges training documents only, not the {split} split")
+        from nanochat.fim import FimTransform
+        fim = FimTransform(tokenizer, fim_rate, fim_spm_rate)  # a tokenizer without the FIM tokens: one line
     if rank is None:
         _, rank, _, world_size = get_dist_info()
     device = torch.device(device)
@@ -161,7 +175,7 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
         _check_position(files, position, resume_state.get("resplit_from", 0) + world_size)
 
     # the buffer: documents sorted by length (ties in arrival order), so best-fit is a binary search
-    docs = _restore_buffer(files, buffered_ids, tokenizer) if buffered_ids else []
+    docs = _restore_buffer(files, buffered_ids, tokenizer, fim) if buffered_ids else []
     lengths = [len(d) for d in docs]
     if lengths != sorted(lengths):  # other documents at the same places
         raise UserError(STATE_MISMATCH)
@@ -169,7 +183,7 @@ def tokenizing_distributed_data_loader(tokenizer, B, T, split, device="cpu", res
     chunks = queue.Queue(maxsize=4)
     stop = threading.Event()
     reader = document_chunks(files, position, rank, world_size, tokenizer_batch_size, epochs)
-    threading.Thread(target=_tokenize_ahead, args=(reader, tokenizer, tokenizer_threads, chunks, stop)).start()
+    threading.Thread(target=_tokenize_ahead, args=(reader, tokenizer, tokenizer_threads, chunks, stop, fim)).start()
 
     exhausted = False
 

@@ -21,9 +21,11 @@ class KVCache:
     """
     The decoding state of every layer. Attention layers: keys and values, (n_attention_layers, B, H_kv, T_max, D),
     written in place as tokens arrive. Other mixers (Mamba) keep a dict of batch-first tensors in states[layer],
-    whatever its size, which they replace as they go. pos counts the tokens already cached (the same for every row);
-    prev_embedding holds the last token's embedding for the model's smear.
+    whatever its size, which they replace as they go. Parts that look a few tokens back (the smear, Engram's n-grams
+    and conv) keep those tokens' values in tails (see recent). pos counts the tokens already cached (the same for
+    every row). rewind takes back the last tokens, for self-speculative decoding's rejected drafts.
     """
+    REWIND = 1  # how many positions rewind may take back: a tail keeps that many more than its users need
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype, attention_layers=None):
         attention_layers = range(num_layers) if attention_layers is None else attention_layers
@@ -32,8 +34,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.states = {}
+        self.tails = {}
         self.pos = 0
-        self.prev_embedding = None
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
@@ -57,6 +59,26 @@ class KVCache:
     def advance(self, n):
         self.pos += n
 
+    def recent(self, name, new, keep, pad=0.0):
+        """
+        The keep values before new (B, T, ...) along time, from earlier calls (pad before the first token); records
+        new. The model calls this once per forward pass for each name.
+        """
+        past = self.tails.get(name)
+        if past is None:
+            past = new.new_full((new.size(0), keep, *new.shape[2:]), pad)
+        full = torch.cat([past, new], dim=1)
+        self.tails[name] = full[:, -(keep + self.REWIND):]
+        return full[:, -(keep + new.size(1)):-new.size(1)]
+
+    def rewind(self, n):
+        """Forget the last n tokens (at most REWIND). Mamba's running state cannot be taken back: the Engine does not
+        speculate with Mamba layers; states cut at pos (sparse attention's indexer keys) need nothing."""
+        if n > self.REWIND:
+            raise ValueError(f"this cache takes back at most {self.REWIND} tokens, not {n}")
+        self.pos -= n
+        self.tails = {name: t[:, :-n] for name, t in self.tails.items()}
+
     def prefill(self, other):
         """Copy a batch-1 cache into every row of this one (prefill once, then sample many)."""
         if other.k.size(1) != 1 or other.pos > self.k.size(3):
@@ -66,8 +88,15 @@ class KVCache:
         self.v[:, :, :, :other.pos] = other.v[:, :, :, :other.pos]
         self.states = {layer: {name: t.expand(rows, *t.shape[1:]).clone() for name, t in state.items()}
                        for layer, state in other.states.items()}
+        self.tails = {name: t.expand(rows, *t.shape[1:]).clone() for name, t in other.tails.items()}
         self.pos = other.pos
-        self.prev_embedding = None if other.prev_embedding is None else other.prev_embedding.expand(rows, -1, -1).clone()
+
+
+def recent(cache, name, new, keep, pad=0.0):
+    """The keep values before new (B, T, ...) along time: from the cache when decoding (cache.recent), else pads."""
+    if cache is None:
+        return new.new_full((new.size(0), keep, *new.shape[2:]), pad)
+    return cache.recent(name, new, keep, pad)
 
 
 # -----------------------------------------------------------------------------
@@ -162,11 +191,12 @@ SEARCH = "search:"  # a tool call that starts so is a search of the knowledge ba
 
 
 class Engine:
-    def __init__(self, model, tokenizer, kb=None, retriever="bm25", passages=3, past_context=False):
+    def __init__(self, model, tokenizer, kb=None, retriever="bm25", passages=3, past_context=False, speculative=False):
         """
         kb: a retrieval.KnowledgeBase for search calls (None: they are told there is none). Generation stops at the
         context the model was trained on (config.sequence_len); past_context lets it run on to the end of the rotary
-        tables (10x), untrained ground where answers usually degrade.
+        tables (10x), untrained ground where answers usually degrade. speculative: a model trained with MTP modules
+        drafts with them when one sample is asked for (self-speculative decoding; drafts counts them).
         """
         from nanochat.parallel import is_sharded
         self.model = model
@@ -174,6 +204,17 @@ class Engine:
         self.kb, self.retriever, self.passages = kb, retriever, passages
         self.past_context = past_context
         self.positions = model.cos.size(1) if past_context else model.config.sequence_len
+        if speculative and getattr(model, "mtp", None) is None:
+            raise ValueError("speculative decoding drafts with the model's MTP modules, and this model has none: "
+                             "train one with base_train --mtp-depth=1")
+        if speculative and any(w is None for w in model.windows):
+            raise ValueError("speculative decoding takes rejected drafts back, and a Mamba layer's state cannot be")
+        self.speculative = speculative
+        self.drafts = {"proposed": 0, "accepted": 0}
+        sp = tokenizer.encode_special
+        self.stops = {sp("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
+        self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
         # a sharded model (training with --parallel fsdp/tp) decodes on every rank, each forward pass a collective:
         # every rank goes on with rank 0's tokens, so all of them stop after the same number of steps
         self.follow_rank0 = is_sharded(model) and torch.distributed.is_initialized()
@@ -205,11 +246,7 @@ class Engine:
         """
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of token ids")
-        model, tok = self.model, self.tokenizer
-        special = tok.encode_special
-        python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
-        output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
-        stops = {special("<|assistant_end|>"), tok.get_bos_token_id()}
+        model = self.model
         device = model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
         capacity = len(tokens) + max_tokens if max_tokens is not None else model.config.sequence_len
@@ -220,6 +257,10 @@ class Engine:
                      f"the {self.positions}-token context the model was trained on")
             raise ValueError(f"{len(tokens)} prompt tokens + max_tokens={max_tokens} run past {where}: cut max_tokens "
                              f"with answer_budget(){'' if self.past_context else ', or allow past_context'}")
+        rows = [RowState() for _ in range(num_samples)]
+        if self.speculative and num_samples == 1:
+            yield from self._speculate(tokens, rows[0], capacity, rng, temperature, top_k)
+            return
 
         # 1) prefill the prompt once, at batch 1; every sample draws its first token from these logits independently
         prefill_cache = KVCache.for_model(model, 1, len(tokens))
@@ -229,41 +270,77 @@ class Engine:
         cache = KVCache.for_model(model, num_samples, capacity)
         cache.prefill(prefill_cache)
         del prefill_cache
-        rows = [RowState() for _ in range(num_samples)]
+        while not all(r.completed for r in rows) and cache.pos < capacity:
+            column = self._take(rows, sample_next_token(logits, rng, temperature, top_k)[:, 0])
+            yield column
+            logits = model(torch.tensor(column[0], dtype=torch.long, device=device).unsqueeze(1), kv_cache=cache)[:, -1, :]
 
-        generated = 0
-        while max_tokens is None or generated < max_tokens:
-            if all(r.completed for r in rows) or cache.pos >= capacity:
-                break
-            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0]
-            if self.follow_rank0:
-                torch.distributed.broadcast(sampled, src=0)
-            sampled = sampled.tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled):
-                is_forced = bool(row.forced)
-                token = row.forced.popleft() if is_forced else token
-                column.append(token)
-                masks.append(0 if is_forced else 1)
-                if token in stops:
-                    row.completed = True
-                # the tool state machine
-                if token == python_start:
-                    row.python_expr = []
-                elif token == python_end and row.python_expr is not None:
-                    result = self.run_tool(tok.decode(row.python_expr).strip())
-                    row.python_expr = None
-                    if result is not None:
-                        row.forced.extend([output_start, *tok.encode(result), output_end])
-                elif row.python_expr is not None:
-                    row.python_expr.append(token)
-            yield column, masks
-            generated += 1
-            logits = model(torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1), kv_cache=cache)[:, -1, :]
+    def _take(self, rows, sampled):
+        """Each row's next token, from the (B,) sampled ones or what a tool forces; runs the tool calls. -> (column, masks)"""
+        if self.follow_rank0:
+            torch.distributed.broadcast(sampled, src=0)
+        column, masks = [], []
+        for row, token in zip(rows, sampled.tolist()):
+            is_forced = bool(row.forced)
+            token = row.forced.popleft() if is_forced else token
+            column.append(token)
+            masks.append(0 if is_forced else 1)
+            if token in self.stops:
+                row.completed = True
+            # the tool state machine
+            if token == self.python_start:
+                row.python_expr = []
+            elif token == self.python_end and row.python_expr is not None:
+                result = self.run_tool(self.tokenizer.decode(row.python_expr).strip())
+                row.python_expr = None
+                if result is not None:
+                    row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            elif row.python_expr is not None:
+                row.python_expr.append(token)
+        return column, masks
+
+    def _speculate(self, tokens, row, capacity, rng, temperature, top_k):
+        """
+        One sample, self-speculative (nanochat/mtp.py): each main forward takes the newest token and the first MTP
+        module's draft of the one after it. The token sampled after the newest is the plain model's choice; when it
+        equals the draft, the draft's position was computed right and the forward's second logits give one more
+        token for free. Otherwise the draft's position is taken back (KVCache.rewind). Every token comes from the main
+        model's own distribution, so greedy output is exactly plain decoding's.
+        """
+        model, c = self.model, self.model.config
+        ids = lambda t: torch.tensor([t], dtype=torch.long, device=model.get_device())
+        cache = KVCache.for_model(model, 1, capacity + 1)  # + the last draft's position
+        draft_cache = KVCache(1, c.n_kv_head, capacity + 1, c.n_embd // c.n_head, 1, model.get_device(),
+                              model.compute_dtype, attention_layers=[c.n_layer])  # the first MTP module's block
+        h = model.hidden(ids(tokens), kv_cache=cache)
+        # pending: the main model's hidden states not yet given to MTP; nexts: the tokens after them, but the newest
+        pending, nexts = h, tokens[1:]
+        column = self._take([row], sample_next_token(model.head(h[:, -1]), rng, temperature, top_k)[:, 0])
+        yield column
+        left = capacity - len(tokens) - 1
+        while left and not row.completed:
+            token = column[0][0]
+            draft = model.mtp.draft(model, pending, ids(nexts + [token]), draft_cache).argmax(-1, keepdim=True)
+            h = model.hidden(torch.cat([ids([token]), draft], dim=1), kv_cache=cache)
+            logits = model.head(h)
+            self.drafts["proposed"] += 1
+            column = self._take([row], sample_next_token(logits[:, 0], rng, temperature, top_k)[:, 0])
+            yield column
+            left -= 1
+            if column[0][0] != draft.item():
+                cache.rewind(1)
+                pending, nexts = h[:, :1], []
+                continue
+            self.drafts["accepted"] += 1
+            pending, nexts = h, [draft.item()]
+            if left and not row.completed:
+                column = self._take([row], sample_next_token(logits[:, 1], rng, temperature, top_k)[:, 0])
+                yield column
+                left -= 1
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Run generate to the end: (sequences, masks), each with the prompt and without the final stop token."""
-        stops = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        stops = self.stops
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -279,6 +356,23 @@ class Engine:
             if all(done):
                 break
         return sequences, masks
+
+
+def add_decoding_flags(parser):
+    """chat_cli's and chat_web's flags for how their Engine decodes (engine_from_flags builds it)."""
+    parser.add_argument("--past-context", action="store_true", help="let answers run past the context the model was "
+                        "trained on, to the end of its rotary tables (10x): untrained ground, where answers usually degrade")
+    parser.add_argument("--speculative", action="store_true", help="a model trained with MTP modules (base_train "
+                        "--mtp-depth) drafts a token ahead with them: the same answers, faster when the drafts hit")
+
+
+def engine_from_flags(model, tokenizer, kb, args):
+    """The Engine for add_decoding_flags' and retrieval.add_kb_flags' flags; a model --speculative cannot use is one line."""
+    from nanochat.common import UserError
+    try:
+        return Engine(model, tokenizer, kb, args.retriever, args.passages, args.past_context, args.speculative)
+    except ValueError as e:
+        raise UserError(f"--speculative: {e}") from None
 
 
 class TextStream:

@@ -6,8 +6,12 @@ The GPT model. Notable choices (the reasons, measured at d12-d24, are in the ref
 - gated value embeddings (ResFormer) on alternating attention layers, always including the last
 - per-layer residual and x0 scalars (modded-nanogpt), smear (the previous token's embedding mixed in), backout
 - sliding-window attention by pattern ("SSSL": 3 short, 1 long; the last attention layer is always long)
-- the sequence mixer by pattern: attention (A) or Mamba-2 (M, nanochat/mamba.py), e.g. "AAM"; every block keeps its MLP
+- the sequence mixer by pattern: attention (A), Mamba-2 (M, nanochat/mamba.py) or DeepSeek sparse attention (D,
+  nanochat/sparse_attention.py), e.g. "AAM"; every block keeps its MLP
 - logits soft-capped at 15, in fp32
+- off by default, each in its own file: Engram n-gram memory before the mixer at chosen layers (nanochat/engram.py),
+  mHC's n residual streams around every sub-layer (nanochat/mhc.py), multi-token prediction modules that add to the
+  training loss and draft tokens for self-speculative decoding (nanochat/mtp.py)
 - hf_compatible: only what transformers' NanoChat model has (scripts/export_hf.py): no value embeddings, no 1.2
   sharpening, and the residual/x0 scalars, smear and backout frozen where they do nothing
 Weights are fp32 masters; compute runs in the dtype passed in (bf16 where the hardware has it), by casting
@@ -22,7 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanochat.engine import recent
+from nanochat.engram import Engram, engram_layers
 from nanochat.mamba import Mamba2, scan_flops
+from nanochat.mhc import HyperConnection, collapse, expand
+from nanochat.mtp import MTP
 
 
 @dataclass
@@ -34,7 +42,8 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
     window_pattern: str = "SSSL"  # tiled over attention layers; S = a quarter of the context, L = all of it
-    mixer_pattern: str = "A"  # tiled over layers: which sequence mixer each block uses (A = attention, M = Mamba-2)
+    mixer_pattern: str = "A"  # tiled over layers: which sequence mixer each block uses (A = attention, M = Mamba-2,
+    # D = DeepSeek sparse attention)
     # Mamba layers (nanochat/mamba.py): state size N, head size P, inner width = expand x n_embd, scan chunk length
     mamba_d_state: int = 64
     mamba_headdim: int = 64
@@ -49,10 +58,30 @@ class GPTConfig:
     window_long: int = 0
     window_short: int = 0
     rotary_base: float = 100_000.0
+    # sparse attention (D layers, nanochat/sparse_attention.py): keys per query, and the lightning indexer's heads and
+    # head size (the paper's 2048 keys; 4 x 32 indexer dims here, small next to a layer's q and k)
+    dsa_top_k: int = 2048
+    dsa_indexer_heads: int = 4
+    dsa_indexer_dim: int = 32
+    # Engram (nanochat/engram.py): layers with the memory ("0,3"; "" = none), hash heads per n-gram order, memory
+    # width (0: n_embd / 2) and rows per table (0: 2 x vocab_size, each rounded up to its own prime)
+    engram_layers: str = ""
+    engram_heads: int = 4
+    engram_dim: int = 0
+    engram_rows: int = 0
+    mhc_streams: int = 0  # mHC (nanochat/mhc.py): residual streams; 0 = off, 1 = the same as off (its identity case)
+    # multi-token prediction (nanochat/mtp.py): extra modules, each predicting one token further, and their loss weight
+    mtp_depth: int = 0
+    mtp_lambda: float = 0.3
 
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))  # no learnable gain
+
+
+def mean_loss(losses, targets):
+    """The mean over supervised targets; a batch without any (all masked, in finetuning) gives 0, not NaN."""
+    return losses.sum() / (targets >= 0).sum().clamp(min=1)
 
 
 def _to_fp8(t, dtype):
@@ -120,11 +149,14 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+ATTENTION = "AD"  # the mixers that are attention, dense or sparse: they get windows, value embeddings, k/v cache slots
+
+
 def has_ve(config, layer_idx):
     """Value embeddings on alternating attention layers, always including the last of them."""
     if config.hf_compatible:
         return False
-    attention = [i for i, kind in enumerate(mixer_kinds(config)) if kind == "A"]
+    attention = [i for i, kind in enumerate(mixer_kinds(config)) if kind in ATTENTION]
     return layer_idx in attention and attention.index(layer_idx) % 2 == (len(attention) - 1) % 2
 
 
@@ -139,7 +171,7 @@ def window_sizes(config):
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - {"S", "L"}:
         raise ValueError(f"window pattern {config.window_pattern!r} must be a string of S and L")
-    attention = [i for i, kind in enumerate(mixer_kinds(config)) if kind == "A"]
+    attention = [i for i, kind in enumerate(mixer_kinds(config)) if kind in ATTENTION]
     sizes = [None] * config.n_layer
     for j, i in enumerate(attention):
         sizes[i] = long_window if pattern[j % len(pattern)] == "L" or j == len(attention) - 1 else short_window
@@ -218,7 +250,8 @@ class CausalSelfAttention(nn.Module):
         if self.ve_gate is not None:
             self.ve_gate.weight.uniform_(0, 0.02)
 
-    def forward(self, x, ve, cos, sin, window, kv_cache):
+    def qkv(self, x, ve, cos, sin):
+        """(B, T, C) -> q (B, H, T, D), k and v (B, H_kv, T, D): projected, value-embedded, rotated and normed."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -228,7 +261,11 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q) * self.qk_gain, norm(k) * self.qk_gain  # QK-norm, then sharper attention than 1/sqrt(d) alone
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, ve, cos, sin)
         offset = 0
         if kv_cache is not None:
             offset = kv_cache.pos
@@ -253,18 +290,39 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-MIXERS = {"A": CausalSelfAttention, "M": Mamba2}
+def sparse_attention(config, layer_idx):
+    from nanochat.sparse_attention import SparseSelfAttention  # a CausalSelfAttention subclass: imported once it exists
+    return SparseSelfAttention(config, layer_idx)
+
+
+MIXERS = {"A": CausalSelfAttention, "M": Mamba2, "D": sparse_attention}
 
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx, kind):
         super().__init__()
+        self.engram = Engram(config, layer_idx) if layer_idx in engram_layers(config) else None
         self.mixer = MIXERS[kind](config, layer_idx)
         self.mlp = MLP(config)
+        branches = (["engram"] if self.engram is not None else []) + ["mixer", "mlp"]
+        self.hc = nn.ModuleDict({name: HyperConnection(config, 3 * layer_idx + j) for j, name in enumerate(branches)}
+                                ) if config.mhc_streams else None
 
-    def forward(self, x, ve, cos, sin, window, kv_cache):
-        x = x + self.mixer(norm(x), ve, cos, sin, window, kv_cache)
-        return x + self.mlp(norm(x))
+    @torch.no_grad()
+    def init_weights(self, n_embd):
+        for part in (self.engram, self.mixer, self.mlp, *(self.hc or {}).values()):
+            if part is not None:
+                part.init_weights(n_embd)
+
+    def forward(self, x, idx, ve, cos, sin, window, kv_cache):
+        if self.engram is not None:  # n-gram memory, before the mixer
+            x = self.residual("engram", x, lambda h: self.engram(h, idx, kv_cache))
+        x = self.residual("mixer", x, lambda h: self.mixer(norm(h), ve, cos, sin, window, kv_cache))
+        return self.residual("mlp", x, lambda h: self.mlp(norm(h)))
+
+    def residual(self, name, x, branch):
+        """x + branch(x); with mHC, the streams x (B, T, n, C) mixed around the branch by its hyper-connection."""
+        return x + branch(x) if self.hc is None else self.hc[name](x, branch)
 
 
 # -----------------------------------------------------------------------------
@@ -293,6 +351,8 @@ class GPT(nn.Module):
         self.smear_gate = Linear(24, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.mtp = MTP(config, padded_vocab) if config.mtp_depth else None
+        self.mtp_weight = config.mtp_lambda  # the training scripts' schedule changes it
         # rotary tables for 10x the training context, so generation can run past it
         cos, sin = self._rotary_tables(10 * config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)
@@ -315,8 +375,9 @@ class GPT(nn.Module):
         self.transformer.wte.weight.normal_(0, 0.8)
         self.lm_head.weight.normal_(0, 0.001)
         for block in self.transformer.h:
-            block.mixer.init_weights(n_embd)
-            block.mlp.init_weights(n_embd)
+            block.init_weights(n_embd)
+        if self.mtp is not None:
+            self.mtp.init_weights(n_embd)
         s = 3 ** 0.5 * n_embd ** -0.5
         for ve in self.value_embeds.values():
             ve.weight.uniform_(-s, s)
@@ -350,6 +411,21 @@ class GPT(nn.Module):
                 build_block_mask(T, window, self.get_device())
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        h = self.hidden(idx, kv_cache)
+        logits = self.head(h)
+        if targets is None:
+            return logits
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+        if loss_reduction == "none":
+            return losses
+        loss = mean_loss(losses, targets)
+        if self.mtp is not None and self.mtp_weight:  # training: the modules' loss joins the main one, weighted
+            self.mtp_loss = self.mtp.loss(self, h, idx, targets)
+            loss = loss + self.mtp_weight * self.mtp_loss
+        return loss
+
+    def hidden(self, idx, kv_cache=None):
+        """(B, T) token ids -> the final hidden states (B, T, C), normalised: what the head (and MTP) read."""
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.pos
         assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} tokens exceeds the rotary table ({self.cos.size(1)})"
@@ -357,15 +433,11 @@ class GPT(nn.Module):
 
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         # smear: mix the previous token's embedding into each position through a learned, input-dependent gate
-        prev = x[:, :-1]
-        if kv_cache is not None and T0 > 0:
-            prev = torch.cat([kv_cache.prev_embedding, prev], dim=1)
-        else:
-            prev = F.pad(prev, (0, 0, 1, 0))  # the first token has no predecessor
-        if kv_cache is not None:
-            kv_cache.prev_embedding = x[:, -1:]
+        prev = torch.cat([recent(kv_cache, "embedding", x, keep=1), x[:, :-1]], dim=1)  # the first token's is 0
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
         x = x + gate * prev
+        if self.config.mhc_streams:
+            x = expand(x, self.config.mhc_streams)  # (B, T, n, C): n residual streams
 
         x0, x_backout = x, None
         for i, block in enumerate(self.transformer.h):
@@ -373,38 +445,37 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # keep only the block's input: its insides are recomputed in the backward pass (memory for compute)
-                x = checkpoint(block, x, ve, cos, sin, self.windows[i], kv_cache, use_reentrant=False)
+                x = checkpoint(block, x, idx, ve, cos, sin, self.windows[i], kv_cache, use_reentrant=False)
             else:
-                x = block(x, ve, cos, sin, self.windows[i], kv_cache)
+                x = block(x, idx, ve, cos, sin, self.windows[i], kv_cache)
             if i == self.config.n_layer // 2:
                 x_backout = x
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = norm(x - self.backout_lambda.to(x.dtype) * x_backout)
+        x = x - self.backout_lambda.to(x.dtype) * x_backout
+        return norm(collapse(x) if self.config.mhc_streams else x)
 
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = 15 * torch.tanh(logits / 15)  # soft cap
-        if targets is None:
-            return logits
-        targets = targets.reshape(-1)
-        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="none")
-        if loss_reduction == "none":
-            return losses
-        # the mean over supervised targets; a batch without any (all masked, in finetuning) gives 0, not NaN
-        return losses.sum() / (targets >= 0).sum().clamp(min=1)
+    def head(self, h):
+        """Hidden states -> fp32 logits over the vocabulary (the padding cropped), soft-capped at 15."""
+        logits = self.lm_head(h)[..., :self.config.vocab_size].float()
+        return 15 * torch.tanh(logits / 15)
 
     # -------------------------------------------------------------------------
     # Sizes and costs
 
     def num_scaling_params(self):
-        """Parameter counts by kind; transformer matrices + lm_head are what the scaling laws count."""
+        """Parameter counts by kind; transformer matrices + lm_head are what the scaling laws count (Engram's tables,
+        looked up rather than multiplied, and the MTP modules, dropped at inference, are counted apart)."""
+        tables = sum(m.weight.numel() for m in self.transformer.h.modules() if isinstance(m, nn.Embedding))
         counts = {
             "wte": self.transformer.wte.weight.numel(),
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "lm_head": self.lm_head.weight.numel(),
-            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()) - tables,
             "scalars": sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_lambda,
                                                 self.backout_lambda, self.smear_gate.weight)),
+            **({"engram_tables": tables} if tables else {}),
+            **({"mtp": sum(p.numel() for p in self.mtp.parameters())} if self.mtp is not None else {}),
         }
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is missing from the counts"
@@ -426,19 +497,26 @@ class GPT(nn.Module):
     def estimate_flops(self):
         """
         Training FLOPs per token (forward + backward, 3x the forward): 6 per matmul weight, plus attention within
-        each window, plus each Mamba layer's conv and scan.
+        each window (a sparse layer's top-k keys, and its indexer's scoring), plus each Mamba layer's conv and scan.
         """
         T, hd = self.config.sequence_len, self.config.n_embd  # n_head * head_dim
-        attention = sum(12 * hd * min(w, T) for w in self.windows if w is not None)
+        kinds = mixer_kinds(self.config)
+        attention = sum(12 * hd * min(w, T) for w, kind in zip(self.windows, kinds) if kind == "A")
+        top_k, indexer = self.config.dsa_top_k, self.config.dsa_indexer_heads * self.config.dsa_indexer_dim
+        attention += sum(12 * hd * min(w, T, top_k) + 6 * indexer * min(w, T) for w, kind in zip(self.windows, kinds)
+                         if kind == "D")
         mamba = 3 * scan_flops(self.config) * sum(w is None for w in self.windows)
-        return 6 * self.num_matmul_params() + attention + mamba
+        extras = sum(m.flops_per_token() for m in self.modules() if hasattr(m, "flops_per_token"))  # Engram, mHC, MTP
+        return 6 * self.num_matmul_params() + attention + mamba + extras
 
     # -------------------------------------------------------------------------
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """
-        AdamW for embeddings, head and scalars (their lrs scaled by (d/768)^-0.5); Muon for every block matrix.
-        Mamba's conv kernels, A_log, dt bias, D and B/C biases are no matrices: AdamW, at 0.02 x scalar_lr, no decay.
+        AdamW for embeddings, head and scalars (their lrs scaled by (d/768)^-0.5); Muon for every Linear's weight in
+        the blocks (and the MTP modules). Engram's tables are embeddings: AdamW as the value embeddings. The rest of
+        the blocks is no matrix to orthogonalise (Mamba's conv kernels, A_log, dt bias, D and B/C biases; Engram's
+        conv; mHC's coefficients): AdamW, at 0.02 x scalar_lr, no decay.
         """
         from nanochat.optimizers import MuonAdamW
         dscale = (self.config.n_embd / 768) ** -0.5
@@ -451,12 +529,19 @@ class GPT(nn.Module):
             dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0, **adam),
             dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2, betas=(0.8, 0.95), weight_decay=0.0, **adam),
         ]
-        others = [p for p in self.transformer.h.parameters() if p.ndim != 2]
+        blocks = [self.transformer.h] + ([self.mtp] if self.mtp is not None else [])
+        params = [p for b in blocks for p in b.parameters()]
+        matrices = {id(m.weight) for b in blocks for m in b.modules() if isinstance(m, nn.Linear)}
+        tables = {id(m.weight) for m in self.transformer.h.modules() if isinstance(m, nn.Embedding)}
+        if tables:
+            groups.append(dict(params=[p for p in params if id(p) in tables], lr=0.5 * embedding_lr * dscale,
+                               betas=(0.8, 0.995), weight_decay=0.01, **adam))
+        others = [p for p in params if id(p) not in matrices | tables]
         if others:
             groups.append(dict(params=others, lr=0.02 * scalar_lr, betas=(0.9, 0.95), weight_decay=0.0, **adam))
         by_shape = {}
-        for p in self.transformer.h.parameters():
-            if p.ndim == 2:
+        for p in params:
+            if id(p) in matrices:
                 by_shape.setdefault(tuple(p.shape), []).append(p)
         for shape in sorted(by_shape):
             groups.append(dict(kind="muon", params=by_shape[shape], lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.9,

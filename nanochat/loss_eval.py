@@ -55,6 +55,7 @@ def greedy_samples(engine, tokenizer, max_tokens=16):
     texts = []
     for prompt in SAMPLE_PROMPTS:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        sequences, _ = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0)
+        sequences, _ = engine.generate_batch(tokens, max_tokens=engine.answer_budget(len(tokens), max_tokens),
+                                             temperature=0)
         texts.append(tokenizer.decode(sequences[0][1:]))
     return texts

@@ -37,6 +37,9 @@ def check(mode, tp, world_size, config, planned=False):
     if mode != "ddp" and not planned and not torch.distributed.is_initialized():
         raise UserError(f"--parallel {mode} shards the model over processes: launch with torchrun (even one process), "
                         "or train plainly with --parallel ddp")
+    if mode != "ddp" and (config.engram_layers or config.mhc_streams or config.mtp_depth):
+        raise UserError(f"--parallel {mode} is not wired for Engram, mHC or MTP (their sharding is untested): "
+                        "train them with --parallel ddp")
     if "tp" not in mode:
         if tp not in (0, 1):
             raise UserError(f"--tp={tp} needs --parallel tp or fsdp+tp")
@@ -53,6 +56,9 @@ def check(mode, tp, world_size, config, planned=False):
     if "M" in config.mixer_pattern.upper():
         raise UserError("--parallel tp splits attention heads, and Mamba layers have no such split here: use "
                         "--parallel fsdp (or ddp) for hybrids")
+    if "D" in config.mixer_pattern.upper():
+        raise UserError("--parallel tp splits attention heads, and a sparse attention layer's indexer (D) scores with "
+                        "all of them: use --parallel fsdp (or ddp) for D layers")
     if config.n_head % tp or config.n_kv_head % tp:
         raise UserError(f"--tp={tp} must divide the heads ({config.n_head} query, {config.n_kv_head} key/value): "
                         "pick another --tp or --head-dim")

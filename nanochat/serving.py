@@ -60,12 +60,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+class SamplingRequest(BaseModel):
+    """What both completion endpoints take besides their prompt: how to sample, and how much."""
     temperature: Optional[float] = Field(None, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)
     top_k: Optional[int] = Field(None, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1])
     max_tokens: Optional[int] = Field(None, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
-    max_completion_tokens: Optional[int] = Field(None, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
     n: Optional[int] = Field(None, ge=N_RANGE[0], le=N_RANGE[1])
     stop: Union[Stop, Annotated[list[Stop], Field(max_length=MAX_STOPS)], None] = None
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -84,6 +83,26 @@ class ChatRequest(BaseModel):
     @property
     def include_usage(self):
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def token_limit(self):
+        return self.max_tokens
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Optional[int] = Field(None, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
+
+    @property
+    def token_limit(self):  # OpenAI's newer name, if the old one is not given
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    """OpenAI's legacy /v1/completions: a text prompt (a list of prompts or token ids is not taken), and with suffix an
+    infill between the two (a model pretrained with fill-in-the-middle tokens)."""
+    prompt: Annotated[str, Field(max_length=MAX_CONVERSATION_CHARS)]
+    suffix: Optional[Annotated[str, Field(max_length=MAX_CONVERSATION_CHARS)]] = None
 
 
 class RequestError(Exception):
@@ -183,20 +202,41 @@ def add_passages(messages, engine):
 
 def prepare(req, messages, tokenizer, engine, defaults, conversation_is="the conversation is"):
     """Turn a valid request and its conversation(req) into (prompt tokens, sampling settings)."""
-    sequence_len = engine.model.config.sequence_len
     try:
         tokens = tokenizer.render_for_completion({"messages": messages})
     except ValueError as e:
         raise RequestError(f"messages: {e}", "messages") from None
+    return tokens, sampling(req, tokens, engine, defaults, "messages", f"{conversation_is} {len(tokens)} tokens",
+                            "start a new conversation")
+
+
+def prepare_text(req, tokenizer, engine, defaults):
+    """Turn a valid CompletionRequest into (prompt tokens, sampling settings): <bos> prompt to continue, or with a
+    suffix the fill-in-the-middle prompt (nanochat/fim.py)."""
+    from nanochat.fim import NO_FIM_MODEL, fim_prompt
+    if len(req.prompt) + len(req.suffix or "") > MAX_CONVERSATION_CHARS:  # so a valid body stays under MAX_BODY_BYTES
+        raise RequestError(f"prompt and suffix are together longer than {MAX_CONVERSATION_CHARS} characters", "prompt")
+    if req.suffix is None:
+        tokens = tokenizer.encode(req.prompt, prepend=tokenizer.get_bos_token_id())
+    elif not tokenizer.has_fim():
+        raise RequestError(f"suffix: {NO_FIM_MODEL}; or leave suffix out to continue the prompt", "suffix")
+    else:
+        tokens = fim_prompt(tokenizer, req.prompt, req.suffix)
+    what = "the prompt is" if req.suffix is None else "prompt and suffix are"
+    return tokens, sampling(req, tokens, engine, defaults, "prompt", f"{what} {len(tokens)} tokens", "shorten it")
+
+
+def sampling(req, tokens, engine, defaults, param, too_long, what_to_do):
+    """The sampling settings for a prompt of these tokens; 400 on param when it leaves no room in the context."""
+    sequence_len = engine.model.config.sequence_len
     if len(tokens) >= sequence_len:
-        raise RequestError(f"messages: {conversation_is} {len(tokens)} tokens, more than this model reads "
-                           f"({sequence_len}): start a new conversation", "messages")
-    max_tokens = next((m for m in (req.max_tokens, req.max_completion_tokens) if m is not None), defaults["max_tokens"])
+        raise RequestError(f"{param}: {too_long}, more than this model reads ({sequence_len}): {what_to_do}", param)
+    max_tokens = req.token_limit if req.token_limit is not None else defaults["max_tokens"]
     max_tokens = engine.answer_budget(len(tokens), max_tokens)  # an answer that reaches it ends with "length"
     temperature = defaults["temperature"] if req.temperature is None else req.temperature
     top_k = defaults["top_k"] if req.top_k is None else req.top_k
     seed = req.seed if req.seed is not None else random.randrange(2**31)
-    return tokens, dict(temperature=temperature, top_k=top_k or None, max_tokens=max_tokens, seed=seed)
+    return dict(temperature=temperature, top_k=top_k or None, max_tokens=max_tokens, seed=seed)
 
 
 # -----------------------------------------------------------------------------

@@ -18,6 +18,9 @@ SPECIAL_TOKENS = [
     "<|python_start|>", "<|python_end|>",  # the assistant calls the python tool
     "<|output_start|>", "<|output_end|>",  # the tool's output, forced into the stream
 ]
+# Fill-in-the-middle sentinels (nanochat/fim.py), only in tokenizers trained with tok_train --fim: appended after the
+# specials above, so their ids (and every tokenizer trained without them) stay as they were
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
 
 # GPT-4's split pattern, except numbers split into runs of at most 2 digits (not 3): at d12 with 32K vocab,
 # {1,2} gave 0.965 val bpb vs 0.972 for {1,3}, and spends fewer vocab slots on numbers.
@@ -27,11 +30,16 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 MAX_VOCAB_SIZE = 2**31 - 1  # token ids are int32 in the loader (rustbpe's u32 overflows at 2**32)
 
 
-def check_vocab_size(vocab_size):
+def special_tokens(fim=False):
+    return SPECIAL_TOKENS + (FIM_TOKENS if fim else [])
+
+
+def check_vocab_size(vocab_size, fim=False):
     """Refuse sizes rustbpe cannot take: it panics below 256 (a panic is not an Exception), overflows past u32."""
-    minimum = 256 + len(SPECIAL_TOKENS)
+    specials = len(special_tokens(fim))
+    minimum = 256 + specials
     if vocab_size < minimum:
-        raise UserError(f"--vocab-size={vocab_size} is too small: it must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        raise UserError(f"--vocab-size={vocab_size} is too small: it must be at least {minimum} (256 bytes + {specials} special tokens)")
     if vocab_size > MAX_VOCAB_SIZE:
         raise UserError(f"--vocab-size={vocab_size} is too large: it must be at most {MAX_VOCAB_SIZE:,} (token ids are "
                         "32-bit; GPT-4's vocabulary is ~100K)")
@@ -55,14 +63,16 @@ class RustBPETokenizer:
         self.bos_token_id = self.encode_special(bos_token)
 
     @classmethod
-    def train_from_iterator(cls, text_iterator, vocab_size):
+    def train_from_iterator(cls, text_iterator, vocab_size, fim=False):
+        """fim: also the three fill-in-the-middle sentinels (FIM_TOKENS), after the other specials."""
         import rustbpe
         import tiktoken
-        check_vocab_size(vocab_size)
+        check_vocab_size(vocab_size, fim)
+        names = special_tokens(fim)
         bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        bpe.train_from_iterator(text_iterator, vocab_size - len(names), pattern=SPLIT_PATTERN)
         ranks = dict(bpe.get_mergeable_ranks())
-        specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        specials = {name: len(ranks) + i for i, name in enumerate(names)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks, special_tokens=specials)
         return cls(enc)
 
@@ -113,6 +123,10 @@ class RustBPETokenizer:
 
     def get_bos_token_id(self):
         return self.bos_token_id
+
+    def has_fim(self):
+        """Was it trained with tok_train --fim (the fill-in-the-middle sentinels)?"""
+        return all(name in self.enc.special_tokens_set for name in FIM_TOKENS)
 
     def special_token_ids(self):
         return {self.enc.encode_single_token(name) for name in self.enc.special_tokens_set}

@@ -47,7 +47,7 @@ def main(argv=None):
         samples["prompted"] = greedy_samples(engine, tokenizer)
         if args.num_samples > 0:
             sequences, _ = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=args.num_samples,
-                                                 max_tokens=128, temperature=1.0)
+                                                 max_tokens=engine.answer_budget(1, 128), temperature=1.0)
             samples["unconditioned"] = [tokenizer.decode(s[1:]) for s in sequences]
         for kind, texts in samples.items():
             print0(f"--- {kind} samples ---")

@@ -36,7 +36,8 @@ def parse_args(argv):
                    "context, rounded up to 128)")
     p.add_argument("--rotary-base", type=float, default=100_000.0, help="the rotary embeddings' base (larger for longer "
                    "contexts)")
-    p.add_argument("--mixer-pattern", default="A", help="each layer's sequence mixer, tiled over layers: A = attention, M = Mamba-2 (e.g. AAM)")
+    p.add_argument("--mixer-pattern", default="A", help="each layer's sequence mixer, tiled over layers: A = attention, M = Mamba-2 (e.g. AAM), "
+                   "D = DeepSeek sparse attention")
     p.add_argument("--hf-compatible", action="store_true", help="only what transformers' NanoChat model has, so that "
                    "scripts.export_hf can export it: no value embeddings, smear, backout or layer scalars; full windows")
     p.add_argument("--mamba-d-state", type=int, default=64, help="Mamba state size N")
@@ -48,6 +49,19 @@ def parse_args(argv):
     p.add_argument("--mamba3-bc-norm", action="store_true", help="Mamba-3's RMSNorm plus bias on B and C")
     p.add_argument("--mamba-kernels", choices=["auto", "torch"], default="auto",
                    help="auto: mamba_ssm's Triton scan on CUDA where it imports; torch: always the PyTorch scan")
+    p.add_argument("--dsa-top-k", type=int, default=None, help="keys each query of a sparse attention layer (D in "
+                   "--mixer-pattern, nanochat/sparse_attention.py) attends to (default 2048, DeepSeek's)")
+    p.add_argument("--dsa-warmup-steps", type=int, default=0, help="D layers: steps of dense warm-up at the start, "
+                   "attention dense while the indexer learns it; sparse afterwards")
+    p.add_argument("--engram-layers", default="", help="layers with Engram's hashed 2/3-gram memory, e.g. 1,-2 "
+                   "(nanochat/engram.py; '' = none)")
+    p.add_argument("--engram-rows", type=int, default=0, help="rows per Engram table (0 = 2 x the vocabulary)")
+    p.add_argument("--mhc-streams", type=int, default=0, help="mHC: residual streams mixed by doubly stochastic "
+                   "matrices (nanochat/mhc.py; 0 = off, DeepSeek uses 4)")
+    p.add_argument("--mtp-depth", type=int, default=0, help="multi-token prediction modules (nanochat/mtp.py; 0 = off, "
+                   "DeepSeek-V3 uses 1); they also draft for chat_cli/chat_web --speculative")
+    p.add_argument("--mtp-lambda", type=float, default=0.3, help="the MTP loss weight; a third of it for the last third "
+                   "of the steps (DeepSeek-V3's 0.3, then 0.1)")
     # the horizon, in precedence order
     p.add_argument("--num-iterations", type=int, default=-1, help="exact number of steps (-1 = derive)")
     p.add_argument("--target-flops", type=float, default=-1.0, help="train for this compute budget (-1 = off)")
@@ -55,6 +69,10 @@ def parse_args(argv):
     # the batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass (lower it on OOM)")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1 = derive from the model size)")
+    # fill in the middle (nanochat/fim.py): needs a tokenizer from tok_train --fim
+    p.add_argument("--fim-rate", type=float, default=0.0, help="share of training documents rearranged for "
+                   "fill-in-the-middle (0 = off; the paper trains at 0.5)")
+    p.add_argument("--fim-spm-rate", type=float, default=0.5, help="share of those in SPM order rather than PSM")
     # the optimizer
     p.add_argument("--embedding-lr", type=float, default=0.3)
     p.add_argument("--unembedding-lr", type=float, default=0.008)
@@ -88,8 +106,14 @@ def parse_args(argv):
     args = p.parse_args(argv)
     check_minimums(args, {"--depth": 1, "--aspect-ratio": 1, "--head-dim": 1, "--max-seq-len": 1, "--device-batch-size": 1,
                           "--embedding-lr": 0, "--unembedding-lr": 0, "--matrix-lr": 0, "--scalar-lr": 0,
-                          "--weight-decay": 0, "--warmup-steps": 0, "--window-long": 0, "--window-short": 0})
+                          "--weight-decay": 0, "--warmup-steps": 0, "--window-long": 0, "--window-short": 0,
+                          "--dsa-warmup-steps": 0, "--engram-rows": 0, "--mhc-streams": 0, "--mtp-depth": 0,
+                          "--mtp-lambda": 0})
     check_folder_name("--model-tag", args.model_tag)
+    for flag in ("--fim-rate", "--fim-spm-rate"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not 0 <= value <= 1:  # nan too
+            raise UserError(f"{flag}={value} must be between 0 and 1: it is a share of the training documents")
     if args.init_from is not None and args.resume_from_step >= 0:
         p.error("--init-from starts a new run from another checkpoint, --resume-from-step continues this one: pick one")
     if args.init_from_step is not None and args.init_from is None:
@@ -110,11 +134,32 @@ def parse_args(argv):
         p.error(f"--window-pattern={args.window_pattern!r} must be a string of S and L, like SSSL")
     from nanochat.gpt import MIXERS
     if not args.mixer_pattern or set(args.mixer_pattern.upper()) - set(MIXERS):
-        p.error(f"--mixer-pattern={args.mixer_pattern!r} must be a string of A (attention) and M (Mamba), like AAM")
-    if args.hf_compatible and ("S" in args.window_pattern.upper() or "M" in args.mixer_pattern.upper()
+        p.error(f"--mixer-pattern={args.mixer_pattern!r} must be a string of A (attention) and M (Mamba), like AAM "
+                "(or D, sparse attention)")
+    if args.hf_compatible and ("S" in args.window_pattern.upper() or set(args.mixer_pattern.upper()) != {"A"}
                                or 0 < args.window_long < args.max_seq_len):
         p.error("--hf-compatible models attend to the whole context in every layer: drop --window-pattern (S), "
-                "--window-long and --mixer-pattern (M)")
+                "--window-long and --mixer-pattern (M, D)")
+    if args.hf_compatible and (args.engram_layers or args.mhc_streams):
+        p.error("--hf-compatible models have what transformers' NanoChat has: drop --engram-layers and --mhc-streams "
+                "(MTP modules are dropped at export, so --mtp-depth may stay)")
+    if "D" not in args.mixer_pattern.upper() and (args.dsa_top_k is not None or args.dsa_warmup_steps):
+        p.error("--dsa-top-k and --dsa-warmup-steps set up sparse attention layers: put D in --mixer-pattern (e.g. AAD)")
+    if args.dsa_top_k is None:
+        from nanochat.gpt import GPTConfig
+        args.dsa_top_k = GPTConfig.dsa_top_k
+    if "D" in args.mixer_pattern.upper():
+        from nanochat.sparse_attention import check_sizes
+        try:
+            check_sizes(model_config(args, depth=args.depth, vocab_size=1))
+        except ValueError as e:
+            p.error(str(e))
+    if args.engram_layers:
+        from nanochat.engram import engram_layers
+        try:
+            engram_layers(model_config(args, depth=args.depth, vocab_size=1))
+        except ValueError as e:
+            p.error(f"--engram-layers={args.engram_layers!r}: {e}")
     if "M" in args.mixer_pattern.upper():
         from nanochat.mamba import sizes
         try:
@@ -131,7 +176,9 @@ def model_config(args, depth, vocab_size):
                               mamba_expand=args.mamba_expand, mamba_chunk=args.mamba_chunk,
                               mamba3_trapezoidal=args.mamba3_trapezoidal, mamba3_rope=args.mamba3_rope,
                               mamba3_bc_norm=args.mamba3_bc_norm, hf_compatible=args.hf_compatible,
-                              window_long=args.window_long, window_short=args.window_short, rotary_base=args.rotary_base)
+                              window_long=args.window_long, window_short=args.window_short, rotary_base=args.rotary_base,
+                              dsa_top_k=args.dsa_top_k, engram_layers=args.engram_layers, engram_rows=args.engram_rows,
+                              mhc_streams=args.mhc_streams, mtp_depth=args.mtp_depth, mtp_lambda=args.mtp_lambda)
 
 
 def scaling_params(model):
@@ -184,6 +231,7 @@ def main(argv=None):
     from nanochat.engine import Engine
     from nanochat.gpt import GPT, build_model_config, enable_fp8, mixer_kinds
     from nanochat.mamba import use_kernels
+    from nanochat.sparse_attention import last_indexer_kl, set_stage
     from nanochat.loss_eval import evaluate_bpb, greedy_samples
     from nanochat.optimizers import LossScaler, lr_multiplier, muon_momentum, weight_decay_schedule
     from nanochat.parallel import check, data_split, parallelize
@@ -194,6 +242,9 @@ def main(argv=None):
     master = rank == 0
     dtype, _ = get_compute_dtype(device.type)
     tokenizer = get_tokenizer()
+    if args.fim_rate > 0 and not tokenizer.has_fim():
+        from nanochat.fim import NO_FIM_TOKENS
+        raise UserError(f"--fim-rate={args.fim_rate}: {NO_FIM_TOKENS}")
     token_bytes = get_token_bytes(device, tokenizer.get_vocab_size())
     core_bundle = None
     if args.core_metric_every > 0:  # fetched now, not after hours of training
@@ -229,6 +280,12 @@ def main(argv=None):
         if changed:
             raise UserError(f"{checkpoint_dir} step {args.resume_from_step} is another model ({'; '.join(changed)}): "
                             "resume with the flags it was trained with, or give this run its own --model-tag")
+        saved = {"fim_rate": 0.0, "fim_spm_rate": 0.5, **meta.get("user_config", {})}  # runs from before FIM: off
+        fim = [f"--{k.replace('_', '-')}: saved {saved[k]}, now {getattr(args, k)}" for k in ("fim_rate", "fim_spm_rate")
+               if saved[k] != getattr(args, k) and (saved["fim_rate"] or args.fim_rate)]
+        if fim:  # the loader's buffered documents were rearranged with the saved settings
+            raise UserError(f"{checkpoint_dir} step {args.resume_from_step} read its data otherwise ({'; '.join(fim)}): "
+                            "resume with the flags it was trained with")
         model.load_state_dict(model_state, strict=True, assign=True)
         model.cast_embeddings()
         resume = (optim_state, meta)
@@ -266,6 +323,10 @@ def main(argv=None):
     scan = use_kernels(model, args.mamba_kernels)
     if scan:
         print0(f"mixers {''.join(mixer_kinds(config))} (tiled from {args.mixer_pattern}); the Mamba scan: {scan}")
+    if "D" in mixer_kinds(config):
+        every_key = " (no fewer than the context: every key, so dense)" if config.dsa_top_k >= config.sequence_len else ""
+        print0(f"sparse attention: a D layer's queries attend to their top {config.dsa_top_k} keys{every_key}, after "
+               f"{args.dsa_warmup_steps} dense warm-up steps")
     flops_per_token = model.estimate_flops()
     print0(f"FLOPs per token: {flops_per_token:e}")
 
@@ -317,7 +378,8 @@ def main(argv=None):
     loader_state = loader_states[data_rank]
     train_loader = tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
                                                       device=device, resume_state=loader_state, rank=data_rank,
-                                                      world_size=data_ranks)
+                                                      world_size=data_ranks, fim_rate=args.fim_rate,
+                                                      fim_spm_rate=args.fim_spm_rate)
     x, y, next_state = next(train_loader)
 
     # --- the loop: runs num_iterations + 1 times, so the last pass evaluates and saves ---
@@ -371,6 +433,8 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
+        set_stage(orig_model, "dense" if step < args.dsa_warmup_steps else "sparse")  # D layers (none: a no-op)
+        orig_model.mtp_weight = args.mtp_lambda * (1 if step < 2 * num_iterations / 3 else 1 / 3)  # MTP (none: unused)
         for _ in range(grad_accum_steps):
             loss = model(x, y)
             train_loss = loss.detach()
@@ -387,6 +451,8 @@ def main(argv=None):
         scaler.step(optimizer)
         model.zero_grad(set_to_none=True)
         train_loss_f = train_loss.item()  # syncs with the device
+        indexer_kl = last_indexer_kl(orig_model)  # D layers: KL of the indexer to the attention it learns (None without)
+        mtp_loss = orig_model.mtp_loss.item() if orig_model.mtp is not None else None  # the modules' own, unweighted
         dt = time.time() - t0
 
         step += 1
@@ -398,10 +464,14 @@ def main(argv=None):
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.2f}%) | loss: {smooth_loss:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {f'{mfu:.2f}' if mfu else 'n/a'} | "
                f"epoch: {next_state['epoch']} pq: {next_state['pq_idx']} rg: {next_state['rg_idx']} | "
-               f"total time: {loop['total_training_time'] / 60:.2f}m | eta: {eta:.1f}m")
+               f"total time: {loop['total_training_time'] / 60:.2f}m | eta: {eta:.1f}m"
+               + (f" | indexer kl: {indexer_kl:.4f}" if indexer_kl is not None else "")
+               + (f" | mtp loss: {mtp_loss:.4f}" if mtp_loss is not None else ""))
         if step % 100 == 0:
             wandb_run.log({"step": step, "train/loss": smooth_loss, "train/lrm": lrm, "train/dt": dt,
-                           "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": next_state["epoch"]})
+                           "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": next_state["epoch"],
+                           **({"train/indexer_kl": indexer_kl} if indexer_kl is not None else {}),
+                           **({"train/mtp_loss": mtp_loss} if mtp_loss is not None else {})})
 
     train_loader.close()
     progress.close()

@@ -14,6 +14,7 @@ import signal
 import time
 
 from nanochat.common import Flags, UserError, check_minimums, compute_init, get_compute_dtype, print_result, run_cli
+from nanochat.engine import add_decoding_flags
 from nanochat.retrieval import add_kb_flags, open_kb
 
 
@@ -38,8 +39,7 @@ def main(argv=None):
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("-m", "--max-tokens", type=int, default=256, help="longest answer, in tokens")
-    p.add_argument("--past-context", action="store_true", help="let answers run past the context the model was trained on, to the end of its rotary tables (10x); "
-                   "untrained ground, where answers usually degrade")
+    add_decoding_flags(p)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     add_kb_flags(p)
     args = p.parse_args(argv)
@@ -49,14 +49,14 @@ def main(argv=None):
     kb = open_kb(args)
 
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine, TextStream
+    from nanochat.engine import TextStream, engine_from_flags
 
     # Ctrl-C stops an answer even when this was started from a script, whose background jobs ignore it by default
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, _ = load_model(args.source, device, get_compute_dtype(device.type)[0], model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer, kb, args.retriever, args.passages, args.past_context)
+    engine = engine_from_flags(model, tokenizer, kb, args)
     sp = tokenizer.encode_special
     bos, user_start, assistant_end = tokenizer.get_bos_token_id(), sp("<|user_start|>"), sp("<|assistant_end|>")
     prompt_limit = model.config.sequence_len  # a prompt must be shorter than the context the model was trained on
@@ -134,7 +134,8 @@ def main(argv=None):
     if not args.prompt:
         print()  # end the last "User: " prompt's line
     print_result("chat_cli", source=args.source, kb=args.kb, searches=searches, turns=turns, tokens_generated=generated,
-                 tokens_per_second=round(generated / seconds, 2) if seconds else None, last_answer=last_answer)
+                 tokens_per_second=round(generated / seconds, 2) if seconds else None, last_answer=last_answer,
+                 **({"drafts": engine.drafts["proposed"], "drafts_accepted": engine.drafts["accepted"]} if args.speculative else {}))
 
 
 if __name__ == "__main__":

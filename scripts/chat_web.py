@@ -7,7 +7,9 @@ The web server: a ChatGPT-like UI at /, its streaming endpoint, and an OpenAI-co
     python -m scripts.chat_web -i rl --kb wiki # the model may search knowledge base wiki (scripts/rag_index.py)
 
 Endpoints: GET / (the UI), POST /chat/completions (server-sent events: {"token": ..., "index": ...} then {"done": true}),
-POST /v1/chat/completions and GET /v1/models (for OpenAI clients), GET /health, GET /stats, GET /favicon.ico.
+POST /v1/chat/completions, POST /v1/completions (legacy text completion: a prompt to continue, or with a suffix an infill
+by a model pretrained with fill-in-the-middle) and GET /v1/models (for OpenAI clients), GET /health, GET /stats,
+GET /favicon.ico.
 With an API key, only /, /health and /favicon.ico stay public (the page asks for the key), /openapi.json needs the key
 and /docs is off. Requests outside the limits in nanochat/serving.py get 400 naming the field, bodies over
 MAX_BODY_BYTES 413, and a full queue 503 with Retry-After. With --kb, the passages an answer read come with it:
@@ -26,10 +28,12 @@ import uuid
 
 import nanochat
 from nanochat.common import Flags, UserError, compute_init, get_compute_dtype, print_result, run_cli
+from nanochat.engine import add_decoding_flags
 from nanochat.retrieval import add_kb_flags, open_kb
-from nanochat.serving import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest, Generation,
-                              LimitBody, RequestError, RequireApiKey, Worker, WorkerPool, add_error_handlers, add_passages,
-                              conversation, error_body, prepare, protocol_with_header_deadline)
+from nanochat.serving import (MAX_BODY_BYTES, MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, ChatRequest,
+                              CompletionRequest, Generation, LimitBody, RequestError, RequireApiKey, Worker, WorkerPool,
+                              add_error_handlers, add_passages, conversation, error_body, prepare, prepare_text,
+                              protocol_with_header_deadline)
 
 # Slow and busy clients. uvicorn bounds neither how long a request's headers nor its body may take to arrive.
 READ_TIMEOUT = 30.0  # seconds to send the headers, then again to send the body; then the connection is dropped
@@ -88,11 +92,10 @@ async def openai_chunks(generation, req, prompt_tokens, base):
     yield "data: [DONE]\n\n"
 
 
-async def openai_completion(generation, request, req, prompt_tokens, base):
-    """/v1/chat/completions without stream: one chat.completion once every choice has ended (a message that searched
-    carries the passages it was shown as "citations")."""
-    texts, finishes, completion_tokens = [""] * req.choices, [None] * req.choices, 0
-    citations = [[] for _ in range(req.choices)]
+async def collect(generation, request, choices):
+    """A non-streaming answer: (texts, finish reasons, citations) per choice, and the completion tokens."""
+    texts, finishes, completion_tokens = [""] * choices, [None] * choices, 0
+    citations = [[] for _ in range(choices)]
     for kind, index, value in await generation.collect(request):
         if kind == "text":
             texts[index] += value
@@ -104,10 +107,44 @@ async def openai_completion(generation, request, req, prompt_tokens, base):
             raise RequestError(value, status=500)
         else:
             completion_tokens = value
+    return texts, finishes, citations, completion_tokens
+
+
+async def openai_completion(generation, request, req, prompt_tokens, base):
+    """/v1/chat/completions without stream: one chat.completion once every choice has ended (a message that searched
+    carries the passages it was shown as "citations")."""
+    texts, finishes, citations, completion_tokens = await collect(generation, request, req.choices)
     return {**base, "object": "chat.completion",
             "choices": [{"index": i, "finish_reason": finish, "message": {"role": "assistant", "content": text,
                                                                           **({"citations": cited} if cited else {})}}
                         for i, (text, finish, cited) in enumerate(zip(texts, finishes, citations))],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+async def text_chunks(generation, req, prompt_tokens, base):
+    """/v1/completions with stream: OpenAI's text_completion events, one piece of one choice each, then [DONE]."""
+    def chunk(index, text, finish):
+        return sse({**base, "object": "text_completion",
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})
+
+    async for kind, index, value in generation.events():
+        if kind == "text":
+            yield chunk(index, value, None)
+        elif kind == "end":
+            yield chunk(index, "", value)
+        elif kind == "error":
+            yield sse(error_body(value, status=500))
+        elif kind == "done" and req.include_usage:
+            yield sse({**base, "object": "text_completion", "choices": [], "usage": usage(prompt_tokens, value)})
+    yield "data: [DONE]\n\n"
+
+
+async def text_completion(generation, request, req, prompt_tokens, base):
+    """/v1/completions without stream: one text_completion once every choice has ended."""
+    texts, finishes, _, completion_tokens = await collect(generation, request, req.choices)
+    return {**base, "object": "text_completion",
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                        for i, (text, finish) in enumerate(zip(texts, finishes))],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
@@ -200,6 +237,16 @@ def create_app(workers, default_temperature=0.8, default_top_k=50, default_max_t
             return stream(openai_chunks(generation, req, len(tokens), base), generation)
         return await openai_completion(generation, request, req, len(tokens), base)
 
+    @app.post("/v1/completions")
+    async def openai_text_completions(req: CompletionRequest, request: Request):
+        tokens, settings = prepare_text(req, tokenizer, workers[0].engine, defaults)
+        worker = await pool.acquire(request)
+        generation = Generation(pool, worker, tokens, settings, req.choices, req.stops)
+        base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+            return stream(text_chunks(generation, req, len(tokens), base), generation)
+        return await text_completion(generation, request, req, len(tokens), base)
+
     return app
 
 
@@ -244,8 +291,7 @@ def main(argv=None):
                    "and again its body")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     add_kb_flags(p)
-    p.add_argument("--past-context", action="store_true", help="let answers run past the context the model was trained on, to the end of its rotary tables (10x); "
-                   "untrained ground, where answers usually degrade")
+    add_decoding_flags(p)
     p.add_argument("--rag-mode", default="search", choices=["search", "context"], help="with --kb: the model searches "
                    "it (a model trained to, as RAG SFT teaches), or each question gets its passages placed before it")
     args = p.parse_args(argv)
@@ -266,7 +312,7 @@ def main(argv=None):
     import uvicorn
 
     from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
+    from nanochat.engine import engine_from_flags
 
     _, _, _, _, device = compute_init(args.device_type)
     dtype = get_compute_dtype(device.type)[0]
@@ -283,7 +329,7 @@ def main(argv=None):
     workers = []
     for gpu_id, dev in enumerate(devices):
         model, tokenizer, meta = load_model(args.source, dev, dtype, model_tag=args.model_tag, step=args.step)
-        workers.append(Worker(Engine(model, tokenizer, kb, args.retriever, args.passages, args.past_context), dev, gpu_id))
+        workers.append(Worker(engine_from_flags(model, tokenizer, kb, args), dev, gpu_id))
     model_name = f"nanochat-{args.source}-{args.model_tag or 'd' + str(workers[0].model.config.n_layer)}-step{meta['step']}"
     def report(stats):
         print_result("chat_web", model=model_name, workers=len(workers), requests=stats["requests"],

@@ -18,7 +18,6 @@ import torch
 
 from nanochat.common import Flags, UserError, print_result, run_cli
 from nanochat.gpt import mixer_kinds
-from nanochat.tokenizer import SPECIAL_TOKENS
 
 # nanochat's conversation format as a Jinja template: a system message joins the first user message, as in
 # RustBPETokenizer.render_conversation; tool calls and outputs are not rendered (plain text content only)
@@ -38,7 +37,9 @@ def unsupported_features(model):
     config = model.config
     found = []
     if any(kind != "A" for kind in mixer_kinds(config)):
-        found.append(f"Mamba layers (--mixer-pattern={config.mixer_pattern})")
+        found.append(f"Mamba or sparse attention layers (--mixer-pattern={config.mixer_pattern})")
+    if config.engram_layers or config.mhc_streams:
+        found.append("Engram or mHC (--engram-layers, --mhc-streams)")
     if any(w is not None and w < config.sequence_len for w in model.windows):
         found.append(f"sliding windows (--window-pattern={config.window_pattern})")
     if len(model.value_embeds):
@@ -137,8 +138,9 @@ def hf_tokenizer(tokenizer):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIAL_TOKENS])
-    for name in SPECIAL_TOKENS:
+    names = sorted(tokenizer.get_special_tokens(), key=tokenizer.encode_special)  # in id order, FIM tokens included
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in names])
+    for name in names:
         assert hf.token_to_id(name) == tokenizer.encode_special(name), f"{name} would get another id"
     return hf
 

@@ -195,11 +195,12 @@ def test_kv_cache_prefill_replicates_rows():
     small = KVCache(1, 2, 8, 4, 3, "cpu", torch.float32)
     small.insert(0, torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 4))
     small.advance(5)
-    small.prev_embedding = torch.randn(1, 1, 16)
+    embeddings = torch.randn(1, 5, 16)
+    assert not small.recent("embedding", embeddings, keep=1).any()  # nothing came before the first token
     big = KVCache(3, 2, 20, 4, 3, "cpu", torch.float32)
     big.prefill(small)
     assert big.pos == 5 and big.k[0, :, :, :5].eq(1).all() and not big.k[0, :, :, 5:].any()
-    assert big.prev_embedding.shape == (3, 1, 16)
+    assert torch.equal(big.recent("embedding", torch.randn(3, 1, 16), keep=1), embeddings[:, -1:].expand(3, 1, 16))
     with pytest.raises(ValueError, match="overflow"):
         big.insert(0, torch.ones(3, 2, 16, 4), torch.ones(3, 2, 16, 4))
 
