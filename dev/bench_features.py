@@ -25,6 +25,33 @@ FEATURES = {
 }
 
 
+def speculative_speedup(model_tag, max_tokens=120):
+    """Greedy decoding of the sample prompts, plain and self-speculative, side by side: identical output, the drafts'
+    hit rate, and tokens/s of each."""
+    import time
+
+    import torch
+
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import get_compute_dtype
+    from nanochat.engine import Engine
+    from nanochat.loss_eval import SAMPLE_PROMPTS
+    model, tokenizer, _ = load_model("base", torch.device("cpu"), get_compute_dtype("cpu")[0], model_tag=model_tag)
+    seconds, outputs, speculative = {}, {}, Engine(model, tokenizer, speculative=True)
+    for name, engine in (("plain", Engine(model, tokenizer)), ("speculative", speculative)):
+        t0, outputs[name], tokens = time.time(), [], 0
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            out = [c[0][0] for c in engine.generate(ids, max_tokens=engine.answer_budget(len(ids), max_tokens), temperature=0)]
+            outputs[name].append(out)
+            tokens += len(out)
+        seconds[name] = tokens / (time.time() - t0)
+    drafts = speculative.drafts
+    return {"identical": outputs["plain"] == outputs["speculative"], "acceptance": round(drafts["accepted"] / drafts["proposed"], 3),
+            "plain_tok_per_sec": round(seconds["plain"], 1), "speculative_tok_per_sec": round(seconds["speculative"], 1),
+            "speedup": round(seconds["speculative"] / seconds["plain"], 3)}
+
+
 def main(argv=None):
     p = Flags(description="Train the model with each code-model feature, side by side with the plain one.")
     p.add_argument("--depth", type=int, default=4)
@@ -55,6 +82,8 @@ def main(argv=None):
                          "flops_per_token": r["flops_per_token"]}
         print(f"{feature:9s} val bpb {r['val_bpb']:.4f} | {r['tok_per_sec']:,.0f} tok/s | "
               f"{r['peak_memory_mib']:.0f} MiB | {r['num_params']:,} params", flush=True)
+    if "mtp" in rows:
+        rows["mtp"]["speculative"] = speculative_speedup("bench-mtp")
     if "baseline" in rows:
         base = rows["baseline"]
         for row in rows.values():
