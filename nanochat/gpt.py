@@ -353,6 +353,7 @@ class GPT(nn.Module):
         self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.mtp = MTP(config, padded_vocab) if config.mtp_depth else None
         self.mtp_weight = config.mtp_lambda  # the training scripts' schedule changes it
+        self.mtp_loss = None  # the modules' last training loss, unweighted (None until one is computed)
         # rotary tables for 10x the training context, so generation can run past it
         cos, sin = self._rotary_tables(10 * config.sequence_len)
         self.register_buffer("cos", cos, persistent=False)

@@ -452,7 +452,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)
         train_loss_f = train_loss.item()  # syncs with the device
         indexer_kl = last_indexer_kl(orig_model)  # D layers: KL of the indexer to the attention it learns (None without)
-        mtp_loss = orig_model.mtp_loss.item() if orig_model.mtp is not None else None  # the modules' own, unweighted
+        mtp_loss = orig_model.mtp_loss.item() if orig_model.mtp_loss is not None else None  # the modules' own, unweighted
         dt = time.time() - t0
 
         step += 1
