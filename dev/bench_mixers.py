@@ -46,14 +46,14 @@ def measure(pattern, T, args, device, dtype):
         cache = KVCache.for_model(model, 1, T + args.decode_tokens)
         logits = model(x[:1], kv_cache=cache)
         token = logits[:, -1:].argmax(-1)
-        cache_bytes = sum(t.numel() * t.element_size() for t in (cache.k, cache.v))
+        cache_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
         cache_bytes += sum(t.numel() * t.element_size() for state in cache.states.values() for t in state.values())
         t0 = time.perf_counter()
         for _ in range(args.decode_tokens):
             token = model(token, kv_cache=cache)[:, -1:].argmax(-1)
         decode_tok_s = args.decode_tokens / (time.perf_counter() - t0)
     # the KV cache is allocated for T + decode_tokens: report what the prefilled context itself occupies
-    kv_per_token = 2 * cache.k.size(0) * config.n_kv_head * (config.n_embd // config.n_head) * cache.k.element_size()
+    kv_per_token = sum(t[0, :, 0].numel() * t.element_size() for t in cache.k + cache.v)
     cache_mib = (cache_bytes - kv_per_token * args.decode_tokens) / 2 ** 20
     return {"pattern": pattern, "context": T, "train_tok_s": round(train_tok_s), "decode_tok_s": round(decode_tok_s, 1),
             "cache_mib": round(cache_mib, 3), "params": sum(p.numel() for p in model.parameters())}

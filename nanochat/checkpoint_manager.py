@@ -188,6 +188,8 @@ def build_model(checkpoint_dir, step, device, compute_dtype, phase="eval"):
         raise UserError(f"{checkpoint_dir} step {step} does not describe a model this code can build ({reason}): "
                         "retrain it, or load it with the nanochat version that wrote it") from None
     model.cast_embeddings()  # the saved embeddings carry the dtype of the run that saved them
+    if phase == "eval":
+        model.cast_for_inference()
     model.train(phase == "train")
     return model, meta
 

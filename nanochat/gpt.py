@@ -15,7 +15,8 @@ The GPT model. Notable choices (the reasons, measured at d12-d24, are in the ref
 - hf_compatible: only what transformers' NanoChat model has (scripts/export_hf.py): no value embeddings, no 1.2
   sharpening, and the residual/x0 scalars, smear and backout frozen where they do nothing
 Weights are fp32 masters; compute runs in the dtype passed in (bf16 where the hardware has it), by casting
-inside our Linear rather than through autocast.
+inside our Linear rather than through autocast. A model loaded for inference keeps its matmul weights in the compute
+dtype instead (cast_for_inference).
 """
 
 import math
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.engine import recent
+from nanochat.engine import recent, rotary
 from nanochat.engram import Engram, engram_layers
 from nanochat.mamba import Mamba2, scan_flops
 from nanochat.mhc import HyperConnection, collapse, expand
@@ -266,11 +267,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, cos, sin, window, kv_cache):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, ve, cos, sin)
-        offset = 0
-        if kv_cache is not None:
-            offset = kv_cache.pos
-            k, v = kv_cache.insert(self.layer_idx, k, v)
-        y = attention(q, k, v, window, q_offset=offset)
+        y = attention(q, k, v, window) if kv_cache is None else kv_cache.attend(self.layer_idx, q, k, v, window)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -401,6 +398,13 @@ class GPT(nn.Module):
         self.transformer.wte.to(dtype)
         self.value_embeds.to(dtype)
 
+    def cast_for_inference(self):
+        """For a model nothing will train: its matmul weights in the compute dtype rather than fp32 masters rounded to it on
+        every call. The outputs are the same; each decoding step reads half the bytes (in bf16)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.to(self.compute_dtype)
+
     def get_device(self):
         return self.transformer.wte.weight.device
 
@@ -428,9 +432,7 @@ class GPT(nn.Module):
     def hidden(self, idx, kv_cache=None):
         """(B, T) token ids -> the final hidden states (B, T, C), normalised: what the head (and MTP) read."""
         B, T = idx.shape
-        T0 = 0 if kv_cache is None else kv_cache.pos
-        assert T0 + T <= self.cos.size(1), f"sequence of {T0 + T} tokens exceeds the rotary table ({self.cos.size(1)})"
-        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        cos, sin = rotary(kv_cache, self.cos, self.sin, T)
 
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         # smear: mix the previous token's embedding into each position through a learned, input-dependent gate
@@ -459,7 +461,9 @@ class GPT(nn.Module):
     def head(self, h):
         """Hidden states -> fp32 logits over the vocabulary (the padding cropped), soft-capped at 15."""
         logits = self.lm_head(h)[..., :self.config.vocab_size].float()
-        return 15 * torch.tanh(logits / 15)
+        # 15 tanh(logits / 15), written as a sigmoid: the same values, and a CPU computes them faster (over a 4096
+        # vocabulary, the softcap and cross-entropy's forward and backward take 57 ms instead of 80 ms, d4 on 2 cores)
+        return 30 * torch.sigmoid(logits / 7.5) - 15
 
     # -------------------------------------------------------------------------
     # Sizes and costs

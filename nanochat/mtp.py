@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.engine import rotary
+
 
 class MTP(nn.Module):
     def __init__(self, config, padded_vocab):
@@ -64,9 +66,8 @@ class MTP(nn.Module):
     def draft(self, model, h, next_ids, kv_cache):
         """Decoding: module 0 over new positions (hidden states h, their next tokens) -> logits for the token after
         the last next token, (B, V). kv_cache: the module's own, at the same positions as the main model's."""
-        T0, T = kv_cache.pos, h.size(1)
-        x = self.step(0, model, h, next_ids, model.cos[:, T0:T0 + T], model.sin[:, T0:T0 + T], kv_cache)
-        kv_cache.advance(T)
+        x = self.step(0, model, h, next_ids, *rotary(kv_cache, model.cos, model.sin, h.size(1)), kv_cache)
+        kv_cache.advance(h.size(1))
         return model.head(x[:, -1])
 
     def flops_per_token(self):

@@ -411,7 +411,7 @@ def main(argv=None):
             orig_model.train()
         if (master or sharded) and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()  # sharded: every rank decodes the same tokens, rank 0 prints them
-            for text in greedy_samples(Engine(orig_model, tokenizer), tokenizer):
+            for text in greedy_samples(Engine(orig_model, tokenizer, compile=False), tokenizer):
                 print0(text)
             orig_model.train()
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0 and step != args.resume_from_step):

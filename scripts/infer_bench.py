@@ -23,7 +23,7 @@ from nanochat.common import (Flags, UserError, check_minimums, compute_init, get
                              get_peak_flops, peak_memory_mib, print0, print_result, run_cli)
 
 GPU_BATCH_SIZES, CPU_BATCH_SIZES = "1,8,32,128", "1,4,16"
-WARMUP_TOKENS = 4  # each row first runs this short generation: allocator, kernels (cuBLAS, attention) and caches warm
+WARMUP_TOKENS = 4  # each row first runs this many steps: allocator, kernels (cuBLAS, attention), caches and compiling warm
 
 
 def parse_sizes(flag, text):
@@ -142,7 +142,10 @@ def bench_row(engine, prompt, batch_size, decode_tokens, temperature, costs, pea
     """Warm up, then time one generation; the row's figures. peaks: (bytes/s, FLOP/s), None where unknown."""
     import torch
     model, device, n = engine.model, engine.model.get_device(), len(prompt)
-    measure(engine, prompt, batch_size, min(WARMUP_TOKENS, decode_tokens), temperature)
+    # the first steps of the same generation (so the same cache size: a compiled Engine builds its graph here)
+    for _ in zip(range(WARMUP_TOKENS), engine.generate(prompt, num_samples=batch_size, max_tokens=decode_tokens,
+                                                       temperature=temperature)):
+        pass
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ttft, step_times = measure(engine, prompt, batch_size, decode_tokens, temperature)

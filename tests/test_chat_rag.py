@@ -111,7 +111,7 @@ def search_server(tmp_path, tokenizer, monkeypatch):
     model = ToolUser(script, tokenizer.get_vocab_size(), sp("<|output_start|>"), sp("<|output_end|>"))
     model.config.sequence_len = 1024
     model.cos = torch.zeros(1, 10 * 1024, 1, 1)
-    worker = Worker(Engine(model, tokenizer, kb, "bm25", 2), torch.device("cpu"), 0)
+    worker = Worker(Engine(model, tokenizer, kb, "bm25", 2, compile=False), torch.device("cpu"), 0)
     server = uvicorn.Server(uvicorn.Config(chat_web.create_app([worker]), log_level="warning"))
     sock = chat_web.listening_socket("127.0.0.1", free_port())
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
+from nanochat.engine import Engine, KVCache, draw, sample_next_token, use_calculator
 from test_gpt import tiny_model
 
 
@@ -20,7 +20,7 @@ def test_greedy_engine_equals_naive_generation(model_and_tokenizer):
     engine = [column[0] for column, _ in Engine(model, tokenizer).generate(prompt, max_tokens=40, temperature=0)]
     assert engine == naive[:len(engine)] and len(engine) >= 1
     # several greedy samples are all the same sequence
-    sequences, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=3, max_tokens=20, temperature=0)
+    sequences, _ = Engine(model, tokenizer, compile=False).generate_batch(prompt, num_samples=3, max_tokens=20, temperature=0)
     assert sequences[0] == sequences[1] == sequences[2]
 
 
@@ -36,24 +36,44 @@ def test_sampled_engine_equals_naive_generation_with_the_same_seed(model_and_tok
     assert list(model.generate(prompt, 5, temperature=1e-38)) == list(model.generate(prompt, 5, temperature=0))
 
 
+def test_compiled_decoding_gives_eager_decodings_tokens(tokenizer):
+    """The compiled step over a StaticKVCache (whole buffer, masked; position as a tensor) is the eager step: the same
+    greedy and sampled tokens, past a short window, with grouped-query attention, for one sample and several."""
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=128, window_short=12).eval()
+    prompt = tokenizer.encode("the river and the garden", prepend=tokenizer.get_bos_token_id())
+    compiled, eager = Engine(model, tokenizer), Engine(model, tokenizer, compile=False)
+    assert compiled.compiled and not eager.compiled
+    for samples, temperature in ((1, 0.0), (3, 1.0)):
+        runs = [list(e.generate(prompt, num_samples=samples, max_tokens=90, temperature=temperature, seed=3))
+                for e in (compiled, eager)]
+        assert runs[0] == runs[1] and len(runs[0]) > 12  # past the window (greedy may stop at an end token)
+    assert not Engine(tiny_model(vocab_size=tokenizer.get_vocab_size(), mixer_pattern="AM"), tokenizer).compiled
+
+
+def test_draw_samples_the_distribution_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).expand(20000, -1)
+    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0))[:, 0], minlength=5) / 20000
+    assert counts[1] == counts[4] == 0 and torch.allclose(counts, probs[0], atol=0.015)
+
+
 def test_answers_end_where_the_trained_context_does_unless_allowed_past_it(tokenizer):
     """Generation stops at the context the model was trained on; past_context lets it run to the rotary tables' end."""
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=8).eval()  # 80 positions
     prompt = tokenizer.encode("the river", prepend=tokenizer.get_bos_token_id())
-    for engine, positions, message in ((Engine(model, tokenizer), 8, "the 8-token context the model was trained on: "
+    for engine, positions, message in ((Engine(model, tokenizer, compile=False), 8, "the 8-token context the model was trained on: "
                                         "cut max_tokens with answer_budget\\(\\), or allow past_context"),
-                                       (Engine(model, tokenizer, past_context=True), 80, "the model's 80 positions: cut "
+                                       (Engine(model, tokenizer, past_context=True, compile=False), 80, "the model's 80 positions: cut "
                                         "max_tokens with answer_budget\\(\\)$")):
         with pytest.raises(ValueError, match=f"{len(prompt)} prompt tokens \\+ max_tokens=1000 run past {message}"):
             next(engine.generate(prompt, max_tokens=1000))
         budget = engine.answer_budget(len(prompt), 1000)
         assert budget == positions - len(prompt) and len(list(engine.generate(prompt, max_tokens=budget))) <= budget
-    assert Engine(model, tokenizer).answer_budget(len(prompt) + 5, 1000) == 0  # a prompt past the context: no answer
+    assert Engine(model, tokenizer, compile=False).answer_budget(len(prompt) + 5, 1000) == 0  # a prompt past the context: no answer
 
 
 def test_sampling_is_seeded_and_first_tokens_differ(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compile=False)
     prompt = [tokenizer.get_bos_token_id()]
     first = next(engine.generate(prompt, num_samples=16, max_tokens=5, temperature=1.0, seed=1))[0]
     assert len(set(first)) > 1  # every sample draws its own first token from the shared prefill
@@ -112,7 +132,7 @@ def test_tool_call_output_is_forced_into_the_stream(tokenizer):
     script = [*tokenizer.encode("ok "), sp("<|python_start|>"), *expression, sp("<|python_end|>"),
               *[0] * 6, sp("<|assistant_end|>")]
     model = ScriptedModel(script, tokenizer.get_vocab_size())
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compile=False)
     columns = list(engine.generate([tokenizer.get_bos_token_id()], num_samples=2, max_tokens=40, temperature=0))
     tokens = [c[0] for c, _ in columns]
     masks = [m[0] for _, m in columns]
@@ -199,7 +219,7 @@ def test_kv_cache_prefill_replicates_rows():
     assert not small.recent("embedding", embeddings, keep=1).any()  # nothing came before the first token
     big = KVCache(3, 2, 20, 4, 3, "cpu", torch.float32)
     big.prefill(small)
-    assert big.pos == 5 and big.k[0, :, :, :5].eq(1).all() and not big.k[0, :, :, 5:].any()
+    assert big.pos == 5 and big.k[0][:, :, :5].eq(1).all() and not big.k[0][:, :, 5:].any()
     assert torch.equal(big.recent("embedding", torch.randn(3, 1, 16), keep=1), embeddings[:, -1:].expand(3, 1, 16))
     with pytest.raises(ValueError, match="overflow"):
         big.insert(0, torch.ones(3, 2, 16, 4), torch.ones(3, 2, 16, 4))
