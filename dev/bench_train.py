@@ -40,7 +40,10 @@ def main(argv=None):
     model.init_weights()
     optimizer = model.setup_optimizer()
     model.activation_checkpointing = args.activation_checkpointing
-    step_model = torch.compile(model, dynamic=False) if args.compile == "1" else model
+    step_model = model
+    if args.compile == "1":  # as base_train compiles: the model, and Muon's directions
+        step_model = torch.compile(model, dynamic=False)
+        optimizer.compile_direction()
     B, T = args.device_batch_size, args.max_seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)

@@ -125,6 +125,7 @@ class StaticKVCache(KVCache):
         self.position = torch.full((1,), value, dtype=torch.long, device=self.device)
 
     def attend(self, layer, q, k, v, window):
+        assert q.size(2) == 1, "a StaticKVCache decodes one token per row per step"
         keys, values = self.k[self.slot[layer]], self.v[self.slot[layer]]
         keys.index_copy_(2, self.position, k)
         values.index_copy_(2, self.position, v)
@@ -142,6 +143,7 @@ class StaticKVCache(KVCache):
         return (weights @ values.float()).to(q.dtype)
 
     def rotary(self, cos, sin, T):
+        assert T == 1, "a StaticKVCache decodes one token per row per step"
         return cos.index_select(1, self.position), sin.index_select(1, self.position)
 
     def advance(self, n):
@@ -249,9 +251,12 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
 
 def draw(probs, rng):
     """One index per row of (B, V) probabilities, by inverting the cumulative distribution at a uniform draw: one
-    random number per row, where torch.multinomial draws one per entry (on a CPU, 5-7x slower at V = 4096)."""
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.size(0), 1, generator=rng, device=probs.device) * cdf[:, -1:]  # the sum: 1, up to rounding
+    random number per row, where torch.multinomial draws one per entry (on a CPU, 5-7x slower at V = 4096). The sums
+    run in fp64, so even the least likely tokens keep their share."""
+    cdf = probs.double().cumsum(dim=-1)
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise ValueError("the model's logits are not finite (NaN or inf): nothing to sample from")
+    u = torch.rand(probs.size(0), 1, generator=rng, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]  # sum: 1, rounded
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # right: skips zero-probability ids
 
 
@@ -301,8 +306,12 @@ class Engine:
         self.follow_rank0 = is_sharded(model) and torch.distributed.is_initialized()
         from nanochat.gpt import GPT, mixer_kinds
         self.compiled = (compile and isinstance(model, GPT) and set(mixer_kinds(model.config)) == {"A"}
-                         and not self.follow_rank0)
-        self.decode = torch.compile(model, dynamic=False) if self.compiled else model
+                         and model.get_device().type in ("cpu", "cuda") and not self.follow_rank0)
+        self.decode = model
+        if self.compiled:
+            # one graph per (batch size, cache size): past dynamo's default of 8 per function it would decode eagerly
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.decode = torch.compile(model, dynamic=False)
 
     def answer_budget(self, prompt_len, max_tokens):
         """How many tokens an answer to a prompt_len-token prompt may take: max_tokens, cut where the positions end."""
@@ -326,22 +335,17 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """
         Yield (token_column, mask_column) per step: one token per sample, mask 1 if sampled, 0 if forced by a tool.
-        Stops when every sample has ended (<|assistant_end|> or <|bos|>) or after max_tokens steps; prompt and
-        max_tokens must fit the positions generation may reach (answer_budget gives the most that does).
+        Stops when every sample has ended (<|assistant_end|> or <|bos|>), after max_tokens steps (None: no limit),
+        or where the positions generation may reach end (the trained context; see answer_budget), whichever is first.
         """
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of token ids")
         model = self.model
         device = model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
-        capacity = len(tokens) + max_tokens if max_tokens is not None else model.config.sequence_len
+        capacity = len(tokens) + self.answer_budget(len(tokens), self.positions if max_tokens is None else max_tokens)
         if capacity <= len(tokens):
             return
-        if capacity > self.positions:
-            where = (f"the model's {self.positions} positions" if self.past_context else
-                     f"the {self.positions}-token context the model was trained on")
-            raise ValueError(f"{len(tokens)} prompt tokens + max_tokens={max_tokens} run past {where}: cut max_tokens "
-                             f"with answer_budget(){'' if self.past_context else ', or allow past_context'}")
         rows = [RowState() for _ in range(num_samples)]
         if self.speculative and num_samples == 1:
             yield from self._speculate(tokens, rows[0], capacity, rng, temperature, top_k)

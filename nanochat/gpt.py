@@ -400,9 +400,11 @@ class GPT(nn.Module):
 
     def cast_for_inference(self):
         """For a model nothing will train: its matmul weights in the compute dtype rather than fp32 masters rounded to it on
-        every call. The outputs are the same; each decoding step reads half the bytes (in bf16)."""
+        every call. The outputs are the same; each decoding step reads half the bytes (in bf16). Modules that compute
+        in fp32 whatever the compute dtype say so (fp32_weights) and keep theirs."""
+        keep = {m for part in self.modules() if getattr(part, "fp32_weights", False) for m in part.modules()}
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in keep:
                 m.to(self.compute_dtype)
 
     def get_device(self):

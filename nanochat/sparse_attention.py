@@ -46,6 +46,7 @@ def check_sizes(config):
 
 class LightningIndexer(nn.Module):
     """DeepSeek-V3.2's lightning indexer (arXiv 2512.02556): few small heads, ReLU scores, one key per token."""
+    fp32_weights = True  # it reads fp32 inputs (see SparseSelfAttention.forward): GPT.cast_for_inference leaves it be
 
     def __init__(self, config):
         super().__init__()

@@ -43,7 +43,7 @@ def main(argv=None):
 
     samples = {"prompted": [], "unconditioned": []}
     if rank == 0:
-        engine = Engine(model, tokenizer)
+        engine = Engine(model, tokenizer, compile=False)  # a few short samples: compiling would not pay
         samples["prompted"] = greedy_samples(engine, tokenizer)
         if args.num_samples > 0:
             sequences, _ = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=args.num_samples,

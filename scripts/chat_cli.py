@@ -134,7 +134,7 @@ def main(argv=None):
     if not args.prompt:
         print()  # end the last "User: " prompt's line
     print_result("chat_cli", source=args.source, kb=args.kb, searches=searches, turns=turns, tokens_generated=generated,
-                 tokens_per_second=round(generated / seconds, 2) if seconds else None, compiled=engine.compiled,
+                 tokens_per_second=round(generated / seconds, 2) if seconds else None, compiled=engine.compiled and not args.speculative,
                  last_answer=last_answer,
                  **({"drafts": engine.drafts["proposed"], "drafts_accepted": engine.drafts["accepted"]} if args.speculative else {}))
 

@@ -54,21 +54,27 @@ def test_draw_samples_the_distribution_and_never_a_zero_probability_token():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).expand(20000, -1)
     counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0))[:, 0], minlength=5) / 20000
     assert counts[1] == counts[4] == 0 and torch.allclose(counts, probs[0], atol=0.015)
+    with pytest.raises(ValueError, match="logits are not finite"):  # NaN logits (an overflow) fail, not sample junk
+        sample_next_token(torch.tensor([[0.0, float("nan")]]), torch.Generator())
 
 
 def test_answers_end_where_the_trained_context_does_unless_allowed_past_it(tokenizer):
-    """Generation stops at the context the model was trained on; past_context lets it run to the rotary tables' end."""
+    """Generation stops at the context the model was trained on, whatever max_tokens asks; past_context lets it run
+    to the rotary tables' end."""
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=8).eval()  # 80 positions
+    with torch.no_grad():  # the end tokens never win a greedy step, so every answer runs as far as it may
+        for name in ("<|assistant_end|>", "<|bos|>"):
+            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
     prompt = tokenizer.encode("the river", prepend=tokenizer.get_bos_token_id())
-    for engine, positions, message in ((Engine(model, tokenizer, compile=False), 8, "the 8-token context the model was trained on: "
-                                        "cut max_tokens with answer_budget\\(\\), or allow past_context"),
-                                       (Engine(model, tokenizer, past_context=True, compile=False), 80, "the model's 80 positions: cut "
-                                        "max_tokens with answer_budget\\(\\)$")):
-        with pytest.raises(ValueError, match=f"{len(prompt)} prompt tokens \\+ max_tokens=1000 run past {message}"):
-            next(engine.generate(prompt, max_tokens=1000))
+    for engine, positions in ((Engine(model, tokenizer, compile=False), 8),
+                              (Engine(model, tokenizer, past_context=True, compile=False), 80)):
         budget = engine.answer_budget(len(prompt), 1000)
-        assert budget == positions - len(prompt) and len(list(engine.generate(prompt, max_tokens=budget))) <= budget
+        assert budget == positions - len(prompt)
+        for max_tokens in (1000, None, budget):
+            assert len(list(engine.generate(prompt, max_tokens=max_tokens, temperature=0))) == budget
+        assert len(list(engine.generate(prompt, max_tokens=2, temperature=0))) == 2
     assert Engine(model, tokenizer, compile=False).answer_budget(len(prompt) + 5, 1000) == 0  # a prompt past the context: no answer
+    assert list(Engine(model, tokenizer, compile=False).generate(list(range(10)), max_tokens=5)) == []
 
 
 def test_sampling_is_seeded_and_first_tokens_differ(model_and_tokenizer):

@@ -143,6 +143,24 @@ def test_init_constants_and_embedding_dtype():
     assert bf16(torch.zeros(1, 8, dtype=torch.long)).dtype == torch.float32  # logits in fp32
 
 
+def test_cast_for_inference_keeps_the_outputs_and_the_fp32_indexer():
+    """A model loaded for inference holds its matmul weights in the compute dtype: the same logits, bit for bit (Linear
+    rounded the fp32 masters to it on every call), and a sparse layer's indexer, which computes in fp32, stays fp32."""
+    source = tiny_model(mixer_pattern="AD", dsa_indexer_dim=8)
+    with torch.device("meta"):
+        model = GPT(source.config, compute_dtype=torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.load_state_dict(source.state_dict())
+    model.cast_embeddings()
+    idx = torch.randint(0, 300, (2, 24))
+    before = model(idx)
+    model.cast_for_inference()
+    assert model.lm_head.weight.dtype == model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert model.transformer.h[1].mixer.indexer.c_q.weight.dtype == torch.float32
+    assert torch.equal(model(idx), before)
+
+
 def test_logits_are_soft_capped_and_loss_ignores_minus_one():
     model = tiny_model()
     with torch.no_grad():

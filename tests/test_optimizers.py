@@ -53,6 +53,25 @@ def test_muon_update_moves_weights_with_the_norm_it_promises():
     assert (second > 0).all() and momentum_buffer.abs().sum() > 0
 
 
+def test_compiled_muon_directions_step_as_the_eager_ones():
+    """compile_direction (the training scripts' call when they compile the model) changes speed, not the steps."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(2, 32, 128) * 0.02, [torch.randn(2, 32, 128) for _ in range(3)]
+    results = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = MuonAdamW([dict(kind="muon", params=params, lr=0.02, momentum=0.95, beta2=0.9, ns_steps=5,
+                                    weight_decay=0.1)])
+        if compiled:
+            optimizer.compile_direction()
+        for g in grads:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            optimizer.step()
+        results.append(torch.stack([p.detach() for p in params]))
+    assert not torch.equal(results[0], start) and torch.allclose(results[0], results[1], atol=1e-5)
+
+
 def test_schedules():
     assert lr_multiplier(0, 100, 10, 0.5, 0.0) == 0.1
     assert lr_multiplier(30, 100, 10, 0.5, 0.0) == 1.0
