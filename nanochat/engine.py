@@ -97,14 +97,13 @@ class KVCache:
 
     def prefill(self, other):
         """Copy a batch-1 cache into every row of this one (prefill once, then sample many)."""
-        rows = self.batch_size
         if other.batch_size != 1 or other.pos > self.capacity:
             raise ValueError("prefill copies a batch-1 cache that fits")
         for mine, theirs in zip(self.k + self.v, other.k + other.v):
             mine[:, :, :other.pos] = theirs[:, :, :other.pos]
-        self.states = {layer: {name: t.expand(rows, *t.shape[1:]).clone() for name, t in state.items()}
+        self.states = {layer: {name: t.expand(self.batch_size, *t.shape[1:]).clone() for name, t in state.items()}
                        for layer, state in other.states.items()}
-        self.tails = {name: t.expand(rows, *t.shape[1:]).clone(memory_format=torch.contiguous_format)
+        self.tails = {name: t.expand(self.batch_size, *t.shape[1:]).clone(memory_format=torch.contiguous_format)
                       for name, t in other.tails.items()}
         self.pos = other.pos
 
@@ -282,7 +281,7 @@ class Engine:
         drafts with them when one sample is asked for (self-speculative decoding; drafts counts them). compile: each
         decoding step of an attention-only GPT runs through torch.compile over a StaticKVCache; the graph is built
         once per batch size and cache size (rounded up to a power of two), which takes seconds, and the steps after
-        run 2-4x faster on a CPU (dev/bench_engine.py). compiled says whether it does.
+        run 1.4-1.8x faster on a 2-core CPU (dev/bench_engine.py). compiled says whether it does.
         """
         from nanochat.parallel import is_sharded
         self.model = model

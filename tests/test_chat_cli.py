@@ -32,8 +32,12 @@ def test_one_shot_and_repl(base_dir, tokenizer):
     assert result["turns"] == 1 and result["tokens_generated"] == 10 and "Assistant: " in proc.stdout
     assert result["kb"] == "sky" and result["searches"] == 0  # this model was never taught to search
     assert result["last_answer"] in proc.stdout  # what was streamed is the answer
+    assert result["compiled"]  # decoding is compiled by default; --eager gives the same answer without compiling
+    eager = run_cli(base_dir, "-i", "base", "-p", "Why is the sky blue?", "-t", "0", "-m", "10", "--kb", "sky", "--eager")
+    eager = json.loads(eager.stdout.strip().splitlines()[-1])
+    assert not eager["compiled"] and eager["last_answer"] == result["last_answer"]
 
-    proc = run_cli(base_dir, "-i", "base", "-t", "0", "-m", "5", stdin="hello\nclear\n\nhello\nexit\n")
+    proc = run_cli(base_dir, "-i", "base", "-t", "0", "-m", "5", "--eager", stdin="hello\nclear\n\nhello\nexit\n")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["turns"] == 2 and "(new conversation)" in proc.stdout
     answers = [line for line in proc.stdout.splitlines() if line.startswith("Assistant: ")]
