@@ -529,17 +529,23 @@ def test_ui_in_a_real_browser(server, tmp_path):
         page.goto(server)
         done = DONE
 
-        # type and send with Enter; the answer streams in, growing while it is being written
+        # type and send with Enter; the answer streams in, growing while it is being written. The page records the
+        # answer's text each time the UI rewrites it (a MutationObserver sees every rewrite, however fast the server)
+        page.evaluate("""() => {
+            window.shown = [];
+            new MutationObserver(records => { for (const r of records) {
+                if (r.target.matches?.('.message.assistant .content') && !r.target.classList.contains('typing'))
+                    window.shown.push(r.target.textContent === '' ? 0 : r.addedNodes[0]?.textContent.length);
+            } }).observe(document.getElementById('messages'), { childList: true, subtree: true });
+        }""")
         page.fill("#chat-input", "Hello, who are you?")
         page.keyboard.press("Enter")
         page.wait_for_selector(".message.assistant .content.streaming")
-        lengths = [len(page.inner_text(".message.assistant .content"))]
-        while page.query_selector(".content.streaming") and len(lengths) < 1000:  # at most ~20 s, for a busy machine
-            page.wait_for_timeout(20)
-            lengths.append(len(page.inner_text(".message.assistant .content")))
         page.wait_for_function(done)
         first = page.inner_text(".message.assistant .content")
-        assert len(set(lengths)) > 2 and first  # several different lengths were seen: it streamed
+        shown = page.evaluate("window.shown")
+        final = page.eval_on_selector(".message.assistant .content", "e => e.textContent.length")
+        assert first and shown[-1] == final and len(set(shown)) > 2, shown  # it grew in several steps: it streamed
         assert page.inner_text(".message.user .content") == "Hello, who are you?"
 
         # Shift+Enter adds a line instead of sending
