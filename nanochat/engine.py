@@ -9,7 +9,6 @@ any other call is an expression for the calculator.
 
 import ast
 import codecs
-import math
 import operator
 import time
 from collections import deque
@@ -112,8 +111,15 @@ class StaticKVCache(KVCache):
     """
     A KVCache for compiled decoding, one token per row per step: every step has the same shapes and reads no Python
     number, so torch.compile builds its graph once. The position is a tensor (pos reads it); attention runs over the
-    whole buffer, masked to the positions written, and the tails keep a fixed shape.
+    whole buffer, masked to the positions written, and the tails keep a fixed shape. The buffers' batch and length
+    are marked dynamic: one graph serves every cache size, and every batch size above 1.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for t in self.k + self.v:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
 
     @property
     def pos(self):
@@ -128,7 +134,7 @@ class StaticKVCache(KVCache):
         keys, values = self.k[self.slot[layer]], self.v[self.slot[layer]]
         keys.index_copy_(2, self.position, k)
         values.index_copy_(2, self.position, v)
-        at = torch.arange(self.capacity, device=q.device)
+        at = torch.arange(keys.size(2), device=q.device)
         visible = (at <= self.position) & (self.position - at <= window)  # (T_max,)
         if q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.unsqueeze(0),
@@ -279,9 +285,9 @@ class Engine:
         context the model was trained on (config.sequence_len); past_context lets it run on to the end of the rotary
         tables (10x), untrained ground where answers usually degrade. speculative: a model trained with MTP modules
         drafts with them when one sample is asked for (self-speculative decoding; drafts counts them). compile: each
-        decoding step of an attention-only GPT runs through torch.compile over a StaticKVCache; the graph is built
-        once per batch size and cache size (rounded up to a power of two), which takes seconds, and the steps after
-        run 1.4-1.8x faster on a 2-core CPU (dev/bench_engine.py). compiled says whether it does.
+        decoding step of an attention-only GPT runs through torch.compile over a StaticKVCache; two graphs are built
+        (batch 1, and any larger batch; both for any cache size), which takes seconds each, and the steps after run
+        1.4-1.8x faster on a 2-core CPU (dev/bench_engine.py). compiled says whether it does.
         """
         from nanochat.parallel import is_sharded
         self.model = model
@@ -308,9 +314,7 @@ class Engine:
                          and model.get_device().type in ("cpu", "cuda") and not self.follow_rank0)
         self.decode = model
         if self.compiled:
-            # one graph per (batch size, cache size): past dynamo's default of 8 per function it would decode eagerly
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.decode = torch.compile(model, dynamic=False)
+            self.decode = torch.compile(model)  # dynamic where StaticKVCache marks it
 
     def answer_budget(self, prompt_len, max_tokens):
         """How many tokens an answer to a prompt_len-token prompt may take: max_tokens, cut where the positions end."""
@@ -355,10 +359,7 @@ class Engine:
         logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill_cache)[:, -1, :]
         logits = logits.expand(num_samples, -1)
         # 2) copy the prompt's cache into each sample's row
-        if self.compiled:
-            cache = StaticKVCache.for_model(model, num_samples, min(self.positions, 2 ** math.ceil(math.log2(capacity))))
-        else:
-            cache = KVCache.for_model(model, num_samples, capacity)
+        cache = (StaticKVCache if self.compiled else KVCache).for_model(model, num_samples, capacity)
         cache.prefill(prefill_cache)
         del prefill_cache
         while not all(r.completed for r in rows) and cache.pos < capacity:

@@ -38,15 +38,19 @@ def test_sampled_engine_equals_naive_generation_with_the_same_seed(model_and_tok
 
 def test_compiled_decoding_gives_eager_decodings_tokens(tokenizer):
     """The compiled step over a StaticKVCache (whole buffer, masked; position as a tensor) is the eager step: the same
-    greedy and sampled tokens, past a short window, with grouped-query attention, for one sample and several."""
+    greedy and sampled tokens, past a short window, with grouped-query attention, for one sample and several. Two
+    graphs serve it all (batch 1, and larger batches), whatever the cache size."""
+    from torch._dynamo.utils import counters
     model = tiny_model(vocab_size=tokenizer.get_vocab_size(), sequence_len=128, window_short=12).eval()
     prompt = tokenizer.encode("the river and the garden", prepend=tokenizer.get_bos_token_id())
     compiled, eager = Engine(model, tokenizer), Engine(model, tokenizer, compile=False)
     assert compiled.compiled and not eager.compiled
-    for samples, temperature in ((1, 0.0), (3, 1.0)):
-        runs = [list(e.generate(prompt, num_samples=samples, max_tokens=90, temperature=temperature, seed=3))
+    graphs = counters["stats"]["unique_graphs"]
+    for samples, temperature, max_tokens in ((1, 0.0, 90), (3, 1.0, 90), (1, 1.0, 30), (5, 1.0, 40), (2, 0.0, 60)):
+        runs = [list(e.generate(prompt, num_samples=samples, max_tokens=max_tokens, temperature=temperature, seed=3))
                 for e in (compiled, eager)]
         assert runs[0] == runs[1] and len(runs[0]) > 12  # past the window (greedy may stop at an end token)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
     assert not Engine(tiny_model(vocab_size=tokenizer.get_vocab_size(), mixer_pattern="AM"), tokenizer).compiled
 
 
