@@ -379,6 +379,26 @@ def test_n_stop_and_usage_on_the_ui_endpoint(server):
     assert events[-2]["usage"]["completion_tokens"] == 10 and events[-1] == {"done": True}
 
 
+def test_answers_end_where_the_trained_context_does_unless_past_context(tmp_path, tokenizer):
+    """A model trained on 32 tokens: the server's answers stop there ("length"), or with --past-context run on to
+    max_tokens; a prompt that fills the context is refused either way."""
+    make_chat_model_dir(tmp_path, tokenizer, sequence_len=32)
+    for flags, expect in (((), "context"), (("--past-context",), 100)):
+        proc, url = start_server(tmp_path, "--eager", *flags)
+        try:
+            status, text = post(url + "/v1/chat/completions", {"messages": HELLO, "max_tokens": 100, "temperature": 0})
+            assert status == 200, text
+            reply = json.loads(text)
+            usage = reply["usage"]
+            assert reply["choices"][0]["finish_reason"] == "length"
+            assert usage["completion_tokens"] == (32 - usage["prompt_tokens"] if expect == "context" else expect), usage
+            status, text = post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "go " * 40}]})
+            assert status == 400 and "more than this model reads (32)" in json.loads(text)["error"]["message"], text
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+
+
 def test_api_key_guards_everything_but_the_page_and_health(keyed_server):
     from openai import AuthenticationError, OpenAI
     key = {"Authorization": f"Bearer {API_KEY}"}
