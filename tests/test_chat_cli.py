@@ -64,7 +64,9 @@ def test_a_long_conversation_drops_its_oldest_turns(base_dir, tokenizer):
 def test_ctrl_c_stops_the_answer_and_twice_at_the_prompt_leaves(base_dir, tokenizer):
     make_chat_model_dir(base_dir, tokenizer)  # its answers never end by themselves
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DTYPE": "float32"}
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-i", "base", "-t", "0", "-m", "4000"], cwd=REPO,
+    # past the trained context, so an answer runs on for 10,000 tokens: seconds even compiled on a fast machine
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-i", "base", "-t", "0", "-m", "10000",
+                             "--past-context"], cwd=REPO,
                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = []
     threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()

@@ -236,10 +236,11 @@ def test_a_non_streaming_client_that_leaves_frees_the_worker_early(server):
     before = get_json(server + "/stats")
     conn = open_request(server, "/v1/chat/completions", LONG)
     wait_until(lambda: get_json(server + "/health")["available_workers"] == 0, "the request never started")
-    conn.close()  # gone before its answer: nobody will read the 4096 tokens
+    conn.close()  # gone before its answer: nobody will read it
     wait_until(lambda: get_json(server + "/stats")["requests_served"] == before["requests_served"] + 1,
                "the worker was not freed after the client disconnected")
-    assert get_json(server + "/stats")["tokens_generated"] - before["tokens_generated"] < 4096  # it stopped early
+    # it stopped early: the whole answer fills the 1,024-token context, over 1,000 tokens after this short prompt
+    assert get_json(server + "/stats")["tokens_generated"] - before["tokens_generated"] < 1000
 
 
 def test_the_queue_is_capped_and_health_tells_the_truth(server):
