@@ -183,11 +183,29 @@ def compute_init(device_type=""):
     else:
         device = torch.device(device_type)
     setup_logging(rank)
+    if device_type == "cpu":
+        keep_freed_memory()
     if ddp and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size:  # more than one machine
         check_shared_base_dir(rank, device)
     dtype, reason = get_compute_dtype(device_type)
     print0(f"device: {device} | world size: {world_size} | compute dtype: {dtype} ({reason})")
     return ddp, rank, local_rank, world_size, device
+
+
+def keep_freed_memory():
+    """
+    Have glibc keep the memory that tensors free inside the process, for the next ones. By default it hands each large
+    block back to the kernel (above 32 MB always mapped apart, and the heap's top trimmed), so every training step
+    faults its big tensors in again, page by page and zeroed: at d4 on 2 cores (bf16) the fp32 logits' 64 MB cost ~12
+    ms of faults per pass, and whole steps ran 1.27x slower. Caching allocators (PyTorch's on CUDA, jemalloc) keep
+    memory too; the process's footprint stays near its peak. Returns whether glibc took the settings (not on macOS).
+    """
+    import ctypes
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is None:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
 
 
 def check_shared_base_dir(rank, device):
