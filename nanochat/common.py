@@ -197,7 +197,7 @@ def keep_freed_memory():
     Have glibc keep the memory that tensors free inside the process, for the next ones. By default it hands each large
     block back to the kernel (above 32 MB always mapped apart, and the heap's top trimmed), so every training step
     faults its big tensors in again, page by page and zeroed: at d4 on 2 cores (bf16) the fp32 logits' 64 MB cost ~12
-    ms of faults per pass, and whole steps ran 1.27x slower. Caching allocators (PyTorch's on CUDA, jemalloc) keep
+    ms of faults per pass, and whole steps ran 1.13-1.21x slower. Caching allocators (PyTorch's on CUDA, jemalloc) keep
     memory too; the process's footprint stays near its peak. Returns whether glibc took the settings (not on macOS).
     """
     import ctypes
