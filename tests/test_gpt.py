@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, attention, build_model_config, window_sizes
@@ -154,11 +155,27 @@ def test_cast_for_inference_keeps_the_outputs_and_the_fp32_indexer():
     model.load_state_dict(source.state_dict())
     model.cast_embeddings()
     idx = torch.randint(0, 300, (2, 24))
-    before = model(idx)
+    with MatmulCount() as unjoined:
+        before = model(idx)
     model.cast_for_inference()
     assert model.lm_head.weight.dtype == model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
     assert model.transformer.h[1].mixer.indexer.c_q.weight.dtype == torch.float32
-    assert torch.equal(model(idx), before)
+    with MatmulCount() as joined:
+        assert torch.equal(model(idx), before)
+    # q, k and v in one matmul per attention layer, their weights views of one matrix (no second copy)
+    assert joined.calls == unjoined.calls - 2 * model.config.n_layer
+    for block in model.transformer.h:
+        assert block.mixer.c_v.weight.untyped_storage().data_ptr() == block.mixer.qkv_weight.untyped_storage().data_ptr()
+
+
+class MatmulCount(TorchDispatchMode):
+    def __enter__(self):
+        self.calls = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+        return func(*args, **(kwargs or {}))
 
 
 def test_logits_are_soft_capped_and_loss_ignores_minus_one():
