@@ -137,8 +137,8 @@ class StaticKVCache(KVCache):
         at = torch.arange(keys.size(2), device=q.device)
         visible = (at <= self.position) & (self.position - at <= window)  # (T_max,)
         if q.device.type != "cpu":
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.unsqueeze(0),
-                                                  enable_gqa=q.size(1) != keys.size(1))
+            from nanochat.gpt import sdpa
+            return sdpa(q, keys, values, attn_mask=visible.unsqueeze(0), enable_gqa=q.size(1) != keys.size(1))
         # On a CPU, written out in fp32 (as SDPA's CPU kernels compute): one query over a small masked buffer, which
         # compiled runs several times faster than SDPA's CPU kernel with a mask (d4, batch 8: 2,000 tok/s, not 1,000)
         if q.size(1) != keys.size(1):  # grouped-query attention: each key head serves a group of query heads

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.gpt import CausalSelfAttention, Linear, apply_rotary_emb, attention, norm
+from nanochat.gpt import CausalSelfAttention, Linear, apply_rotary_emb, attention, norm, sdpa
 
 
 def check_sizes(config):
@@ -173,7 +173,7 @@ class SparseSelfAttention(CausalSelfAttention):
         if dense:
             y = attention(q, k, v, window, q_offset=offset)
         else:  # the reference path: the selection as a mask over every key (see the module docstring)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.unsqueeze(1), enable_gqa=q.size(1) != k.size(1))
+            y = sdpa(q, k, v, attn_mask=keys.unsqueeze(1), enable_gqa=q.size(1) != k.size(1))
         if train_indexer:
             kl = indexer_kl(q.detach(), k.detach(), scores, keys)
             self.last_kl = kl.detach()
