@@ -5,6 +5,7 @@ Random tokens, so no data or tokenizer is needed; the step is the real one (forw
     python -m dev.bench_train --depth=20 --device-batch-size=32             # one GPU
     python -m dev.bench_train --depth=4 --head-dim=64 --max-seq-len=256 --device-batch-size=8 --vocab-size=4096  # a CPU
     python -m dev.bench_train ... --activation-checkpointing   # (memory is the process's peak on a CPU: one run each)
+    python -m dev.bench_train --depth=20 --fp8                 # the big matmuls in fp8 (CUDA, Hopper or newer)
 """
 
 import time
@@ -25,11 +26,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warmup steps")
     p.add_argument("--compile", choices=["0", "1"], default="1")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward pass")
+    p.add_argument("--fp8", action="store_true", help="train the big matmuls in fp8, as base_train --fp8 does")
     p.add_argument("--device-type", default="")
     args = p.parse_args(argv)
     import torch
 
-    from nanochat.gpt import GPT, build_model_config
+    from nanochat.gpt import GPT, build_model_config, enable_fp8
 
     _, _, _, world_size, device = compute_init(args.device_type)
     dtype, _ = get_compute_dtype(device.type)
@@ -40,8 +42,12 @@ def main(argv=None):
     model.init_weights()
     optimizer = model.setup_optimizer()
     model.activation_checkpointing = args.activation_checkpointing
+    if args.fp8:
+        enable_fp8(model)
     step_model = model
     if args.compile == "1":  # as base_train compiles: the model, and Muon's directions
+        if device.type == "cuda":
+            model.prepare_flex_attention()  # sliding windows through FlexAttention, as in base_train
         step_model = torch.compile(model, dynamic=False)
         optimizer.compile_direction()
     B, T = args.device_batch_size, args.max_seq_len
@@ -71,7 +77,7 @@ def main(argv=None):
            f"{tok_per_sec:,.0f} tok/s, MFU {f'{mfu:.1f}%' if mfu else 'n/a'}, peak memory {peak_memory_mib(device):,.0f} MiB "
            f"(warmup {warmup:.1f}s)")
     print_result("bench_train", depth=args.depth, params=params, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                 compiled=args.compile == "1", activation_checkpointing=args.activation_checkpointing, device_batch_size=B, max_seq_len=T, ms_per_step=round(dt * 1000, 2),
+                 compiled=args.compile == "1", fp8=args.fp8, activation_checkpointing=args.activation_checkpointing, device_batch_size=B, max_seq_len=T, ms_per_step=round(dt * 1000, 2),
                  tok_per_sec=round(tok_per_sec), mfu=mfu, peak_memory_mib=round(peak_memory_mib(device)), warmup_seconds=round(warmup, 1))
     compute_cleanup()
 
