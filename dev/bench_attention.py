@@ -73,7 +73,7 @@ def main(argv=None):
             ms[name] = round(timed(attend), 3)
             print(f"{name:34s} {ms[name]:9.3f} ms")
         except (RuntimeError, NotImplementedError) as e:  # e.g. FlexAttention has no backward on a CPU
-            print(f"{name:34s} not run: {str(e).splitlines()[0][:100]}")
+            print(f"{name:34s} not run: {str(e).split('. ')[0]}")
     print_result("bench_attention", device=device, batch=B, heads=H, seq=T, head_dim=D, window=W, ms_forward_backward=ms)
 
 

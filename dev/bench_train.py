@@ -77,7 +77,7 @@ def main(argv=None):
            f"{tok_per_sec:,.0f} tok/s, MFU {f'{mfu:.1f}%' if mfu else 'n/a'}, peak memory {peak_memory_mib(device):,.0f} MiB "
            f"(warmup {warmup:.1f}s)")
     print_result("bench_train", depth=args.depth, params=params, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                 compiled=args.compile == "1", fp8=args.fp8, activation_checkpointing=args.activation_checkpointing, device_batch_size=B, max_seq_len=T, ms_per_step=round(dt * 1000, 2),
+                 window_pattern=args.window_pattern, compiled=args.compile == "1", fp8=args.fp8, activation_checkpointing=args.activation_checkpointing, device_batch_size=B, max_seq_len=T, ms_per_step=round(dt * 1000, 2),
                  tok_per_sec=round(tok_per_sec), mfu=mfu, peak_memory_mib=round(peak_memory_mib(device)), warmup_seconds=round(warmup, 1))
     compute_cleanup()
 

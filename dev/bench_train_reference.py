@@ -3,7 +3,7 @@ The reference nanochat's training step timed as dev/bench_train.py times this re
 width, its setup_optimizer (MuonAdamW), torch.compile as its base_train does, random tokens. For side-by-side runs on
 a GPU (on a CPU, ../shared/tools/sidebyside.sh trains both on real data). Give it an exported copy of the reference:
 
-    git -C nanochat-ref archive HEAD | tar -x -C /tmp/ref     # never inside this repo
+    mkdir -p /tmp/ref && git -C <a clone of karpathy/nanochat> archive HEAD | tar -x -C /tmp/ref   # never inside this repo
     python -m dev.bench_train_reference --reference=/tmp/ref --depth=20 --window-pattern=L
     python -m dev.bench_train --depth=20 --window-pattern=L  # this repo, same shapes and FLOPs per token
 """
@@ -72,7 +72,8 @@ def main():
     mfu = 100 * model.estimate_flops() * tok_per_sec / get_peak_flops(torch.cuda.get_device_name(device)) if cuda else None
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     print(f"reference d{args.depth}, window {args.window_pattern}, {COMPUTE_DTYPE}, FA3 {reference_attention.HAS_FA3}: "
-          f"{dt * 1000:.1f} ms/step, {tok_per_sec:,.0f} tok/s, MFU {f'{mfu:.1f}%' if mfu else 'n/a'}")
+          f"{dt * 1000:.1f} ms/step, {tok_per_sec:,.0f} tok/s, MFU {f'{mfu:.1f}%' if mfu else 'n/a'}, "
+          f"peak memory {f'{peak:,.0f} MiB' if peak else 'n/a'}")
     print(json.dumps({"stage": "bench_train_reference", "depth": args.depth, "window_pattern": args.window_pattern,
                       "device": str(device), "dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
                       "fa3": reference_attention.HAS_FA3, "flops_per_token": model.estimate_flops(),

@@ -205,10 +205,12 @@ def build_block_mask(T, window, device):
 
 def sdpa(q, k, v, **kwargs):
     """
-    F.scaled_dot_product_attention, with cuDNN's kernels kept for compiled training on a GPU. On Hopper torch tries
-    cuDNN first; for training's fixed shapes it is the fastest (d20 rows on an H200, forward and backward: 2.8 ms,
-    flash 4.9 ms), but it builds a plan for every new shape, and inference's shapes change with each prompt and token
-    (naive decoding at d4 on the H200 ran at 4.6 tokens/s). Elsewhere it gets flash, memory-efficient or math.
+    F.scaled_dot_product_attention, with cuDNN's kernels kept for compiled steps with gradients on (training) on a GPU.
+    On Hopper torch tries cuDNN first. For training's fixed shapes it is the fastest (d20 rows on an H200, forward and
+    backward: 2.8 ms, flash 4.9 ms), but it builds a plan for every new shape, and inference's shapes change with
+    each prompt (naive decoding at d4 on the H200, a new length every token, ran at 4.6 tokens/s). Elsewhere,
+    compiled evaluation included, SDPA gets flash, memory-efficient or math. The backend flags are process-wide:
+    threads decoding at once may briefly see each other's setting, which costs speed, never correctness.
     """
     if q.is_cuda and not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
