@@ -377,8 +377,9 @@ class Engine:
         One decoding step. Compiled, only the first step of a generation checks all the graph's guards: the steps
         after it bring the same model, shapes and cache (only the cache's contents and position change), so they check
         only the guards that tell the graphs apart. On a 2-core CPU that took the guard check from 93 to 43 us a step,
-        and d4 decoded 4-6% faster at batch 1 (two interleaved runs: 991 -> 1,055 and 1,007 -> 1,051 tok/s). The stance is process-wide, so decoding threads
-        (chat_web's workers, one per GPU) take turns: one thread's skipped checks never cover another's first step.
+        and d4 decoded 4-6% faster at batch 1 (two interleaved runs: 991 -> 1,055 and 1,007 -> 1,051 tok/s). The
+        stance is process-wide, so decoding threads (chat_web's workers, one per GPU) take turns: one thread's skipped
+        checks never cover another's first step.
         """
         if not self.compiled:
             return self.decode(ids, kv_cache=cache)
