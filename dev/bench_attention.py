@@ -59,7 +59,8 @@ def main(argv=None):
     flex = torch.compile(flex_attention, dynamic=False)
     whole = create_block_mask(causal_within(T), None, None, T, T, device=device)
     windowed = create_block_mask(causal_within(W), None, None, T, T, device=device)
-    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril() & ~torch.ones(T, T, dtype=torch.bool, device=device).tril(-W - 1)
+    ones = torch.ones(T, T, dtype=torch.bool, device=device)
+    mask = ones.tril() & ~ones.tril(-W - 1)  # causal, and no further back than W
     candidates = {"sdpa causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     if cuda:
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
