@@ -12,6 +12,7 @@ import codecs
 import operator
 import threading
 import time
+import warnings
 from collections import deque
 
 import torch
@@ -316,7 +317,7 @@ class Engine:
                          and model.get_device().type in ("cpu", "cuda") and not self.follow_rank0)
         self.decode = model
         if self.compiled:
-            self.decode = torch.compile(model)  # dynamic where StaticKVCache marks it
+            self.decode = torch.compile(model, fullgraph=True)  # dynamic where StaticKVCache marks it
 
     def answer_budget(self, prompt_len, max_tokens):
         """How many tokens an answer to a prompt_len-token prompt may take: max_tokens, cut where the positions end."""
@@ -379,12 +380,19 @@ class Engine:
         only the guards that tell the graphs apart. On a 2-core CPU that took the guard check from 93 to 43 us a step,
         and d4 decoded 4-6% faster at batch 1 (two interleaved runs: 991 -> 1,055 and 1,007 -> 1,051 tok/s). The
         stance is process-wide, so decoding threads (chat_web's workers, one per GPU) take turns: one thread's skipped
-        checks never cover another's first step.
+        checks never cover another's first step. Skipping is safe only after a first step that ran compiled: when
+        torch.compile stops compiling new graphs of the model's forward (recompile_limit: 8 kinds of model in a
+        process, say), the step fails instead of running eagerly (fullgraph), and this engine decodes eagerly from
+        then on.
         """
-        if not self.compiled:
-            return self.decode(ids, kv_cache=cache)
-        with _decode_lock, torch.compiler.set_stance(skip_guard_eval_unsafe=not first):
-            return self.decode(ids, kv_cache=cache)
+        if self.compiled:
+            try:
+                with _decode_lock, torch.compiler.set_stance(skip_guard_eval_unsafe=not first):
+                    return self.decode(ids, kv_cache=cache)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                warnings.warn("torch.compile's recompile_limit is reached in this process: this engine decodes eagerly")
+                self.compiled, self.decode = False, self.model
+        return self.decode(ids, kv_cache=cache)
 
     def _take(self, rows, sampled):
         """Each row's next token, from the (B,) sampled ones or what a tool forces; runs the tool calls. -> (column, masks)"""

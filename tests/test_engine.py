@@ -1,3 +1,4 @@
+import contextlib
 import json
 import threading
 
@@ -52,6 +53,22 @@ def test_compiled_decoding_gives_eager_decodings_tokens(tokenizer):
         assert runs[0] == runs[1] and len(runs[0]) > 12  # past the window (greedy may stop at an end token)
     assert counters["stats"]["unique_graphs"] - graphs == 2
     assert not Engine(tiny_model(vocab_size=tokenizer.get_vocab_size(), mixer_pattern="AM"), tokenizer).compiled
+
+
+def test_compiled_decoding_past_the_recompile_limit_decodes_eagerly(tokenizer):
+    """Once a process has compiled recompile_limit graphs of the model's forward (many kinds of model), torch.compile
+    makes no new one: the engine then decodes eagerly, says so, and gives eager decoding's tokens (its later steps
+    skip guard checks only after a compiled first step, or they would run another model's graph or fail)."""
+    torch._dynamo.reset()  # no graphs yet: the first model's is the one allowed
+    prompt = tokenizer.encode("the river and the garden", prepend=tokenizer.get_bos_token_id())
+    for n_layer in (2, 3):
+        model = tiny_model(vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer).eval()
+        engine = Engine(model, tokenizer)
+        with (torch._dynamo.config.patch(recompile_limit=1),
+              pytest.warns(UserWarning, match="recompile_limit") if n_layer == 3 else contextlib.nullcontext()):
+            tokens = list(engine.generate(prompt, max_tokens=20, temperature=0))
+        assert tokens == list(Engine(model, tokenizer, compile=False).generate(prompt, max_tokens=20, temperature=0))
+        assert engine.compiled == (n_layer == 2)
 
 
 def test_draw_samples_the_distribution_and_never_a_zero_probability_token():
