@@ -18,7 +18,6 @@ import dataclasses
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanochat.engine import rotary
 
@@ -56,11 +55,8 @@ class MTP(nn.Module):
         for k in range(len(self.blocks)):
             n = T - (k + 1)  # positions whose token k+1 places after the next is in the row
             h = self.step(k, model, h[:, :n], idx[:, k + 1:], model.cos[:, :n], model.sin[:, :n])
-            logits = model.head(h)
             target = targets[:, k + 1:]
-            losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-1,
-                                     reduction="none")
-            total = total + mean_loss(losses, target)
+            total = total + mean_loss(model.token_losses(h, target), target)
         return total / len(self.blocks)
 
     def draft(self, model, h, next_ids, kv_cache):
