@@ -14,6 +14,26 @@ from nanochat.common import (Flags, compute_cleanup, compute_init, get_compute_d
                              print0, print_result, run_cli)
 
 
+def time_steps(step_model, model, optimizer, x, y, steps):
+    """3 warmup training steps, then `steps` timed ones -> (warmup seconds, seconds a step). The reference's model and
+    optimizer take the same calls (dev/bench_train_reference.py)."""
+    def step():
+        loss = step_model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()  # waits for the device
+
+    t0 = time.time()
+    for _ in range(3):
+        step()
+    warmup = time.time() - t0
+    t0 = time.time()
+    for _ in range(steps):
+        step()
+    return warmup, (time.time() - t0) / steps
+
+
 def main(argv=None):
     p = Flags(description="Benchmark training throughput.")
     p.add_argument("--depth", type=int, default=12)
@@ -54,21 +74,7 @@ def main(argv=None):
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
 
-    def step():
-        loss = step_model(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return loss.item()  # waits for the device
-
-    t0 = time.time()
-    for _ in range(3):
-        step()
-    warmup = time.time() - t0
-    t0 = time.time()
-    for _ in range(args.steps):
-        step()
-    dt = (time.time() - t0) / args.steps
+    warmup, dt = time_steps(step_model, model, optimizer, x, y, args.steps)
     tok_per_sec = B * T / dt
     peak = get_peak_flops(device)
     mfu = 100 * model.estimate_flops() * tok_per_sec / peak if peak else None

@@ -12,7 +12,8 @@ import argparse
 import json
 import os
 import sys
-import time
+
+from dev.bench_train import time_steps  # before the reference's nanochat replaces this one
 
 
 def main():
@@ -52,21 +53,7 @@ def main():
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
 
-    def step():
-        loss = step_model(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return loss.item()  # waits for the device
-
-    t0 = time.time()
-    for _ in range(3):
-        step()
-    warmup = time.time() - t0
-    t0 = time.time()
-    for _ in range(args.steps):
-        step()
-    dt = (time.time() - t0) / args.steps
+    warmup, dt = time_steps(step_model, model, optimizer, x, y, args.steps)
     tok_per_sec = B * T / dt
     cuda = device.type == "cuda"
     mfu = 100 * model.estimate_flops() * tok_per_sec / get_peak_flops(torch.cuda.get_device_name(device)) if cuda else None
