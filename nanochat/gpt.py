@@ -262,48 +262,6 @@ def visible(Tq, Tk, window, q_offset=0, device=None):
     return (k_pos <= q_pos) & (q_pos - k_pos <= window)
 
 
-class _CPUTrainingAttention(torch.autograd.Function):
-    """
-    Causal attention over a window for compiled bf16 training on a CPU, on rows shorter than 768: torch's fused flash
-    kernel forward (which also returns each row's logsumexp), and a backward written out for inductor, 128 queries
-    at a time: their probabilities recomputed from one batched matmul and the logsumexp, then four more matmuls
-    around fused elementwise passes. At those lengths torch's own backward is slow: at d4's shapes (16 rows x 4
-    heads x 256 x 64, 2 Xeon cores) forward and backward take 12 ms here against its 18, and 20 against 26 on rows of
-    512 (as many tokens); on longer rows it wins (1024: 41 ms here against its 29; 2048: 93 against 46).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, window):
-        T = q.size(2)
-        mask = None  # the kernel takes a window as an additive mask in q's dtype: 0 where visible, -inf elsewhere
-        if window < T:
-            mask = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill(~visible(T, T, window), float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=mask is None,
-                                                                             attn_mask=mask)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window = window
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        T, scale = q.size(2), q.size(-1) ** -0.5
-        row = (grad.float() * out.float()).sum(-1, keepdim=True)  # sum_j p_ij dp_ij: the softmax Jacobian's term
-        grad_q, grad_k, grad_v = [], torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
-        for start in range(0, T, 128):
-            end = min(start + 128, T)
-            first = max(0, start - ctx.window)  # the earliest key these queries see
-            qs, gs, ks, vs = q[:, :, start:end], grad[:, :, start:end], k[:, :, first:end], v[:, :, first:end]
-            scores = (qs @ ks.transpose(-1, -2)).float() * scale
-            probs = torch.exp(scores - lse[:, :, start:end, None])
-            probs = probs.masked_fill(~visible(end - start, end - first, ctx.window, start - first, q.device), 0)
-            grad_v[:, :, first:end] += probs.to(v.dtype).transpose(-1, -2) @ gs
-            grad_scores = (probs * ((gs @ vs.transpose(-1, -2)).float() - row[:, :, start:end]) * scale).to(q.dtype)
-            grad_q.append(grad_scores @ ks)
-            grad_k[:, :, first:end] += grad_scores.transpose(-1, -2) @ qs
-        return torch.cat(grad_q, dim=2), grad_k.to(k.dtype), grad_v.to(v.dtype), None
-
-
 def attention(q, k, v, window, q_offset=0):
     """
     Causal attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D), where query i sits at position q_offset + i
@@ -312,11 +270,6 @@ def attention(q, k, v, window, q_offset=0):
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if q_offset == 0 and Tq == Tk:
-        if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and Tq < 768 and torch.compiler.is_compiling()
-                and torch.is_grad_enabled()):  # training on a CPU: see _CPUTrainingAttention
-            if gqa:  # one key/value head per query head: their gradients sum back through the repeat
-                k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
-            return _CPUTrainingAttention.apply(q, k, v, window)
         if window >= Tq:  # plain causal: SDPA's fused kernels
             return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
         # Compiled, with a prepared block mask: FlexAttention skips the blocks outside the window (what makes short
@@ -564,11 +517,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         cos, sin = rotary(kv_cache, self.cos, self.sin, T)
 
-        x = norm(self.transformer.wte(idx).to(self.compute_dtype))
-        # smear: mix the previous token's embedding into each position through a learned, input-dependent gate
-        prev = torch.cat([recent(kv_cache, "embedding", x, keep=1), x[:, :-1]], dim=1)  # the first token's is 0
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
-        x = x + gate * prev
+        x = self.smear(norm(self.transformer.wte(idx).to(self.compute_dtype)), kv_cache)
         if self.config.mhc_streams:
             x = expand(x, self.config.mhc_streams)  # (B, T, n, C): n residual streams
 
@@ -587,6 +536,20 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         x = x - self.backout_lambda.to(x.dtype) * x_backout
         return norm(collapse(x) if self.config.mhc_streams else x)
+
+    def smear(self, x, kv_cache):
+        """
+        Mix each token's embedding with the previous token's, through a learned, input-dependent gate. A whole
+        sequence (training, evaluation) takes the reference's form, the first position left as it is; decoding takes
+        the previous embedding from the cache. The values are the same, but compiled in bf16 the two forms round
+        differently, and the reference's trained better (README, "On an Intel Xeon with AMX").
+        """
+        if kv_cache is None:
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
+            return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        prev = torch.cat([recent(kv_cache, "embedding", x, keep=1), x[:, :-1]], dim=1)  # before the first token: 0
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :24]))
+        return x + gate * prev
 
     def head(self, h):
         """Hidden states -> fp32 logits over the vocabulary (the padding cropped), soft-capped at 15."""
