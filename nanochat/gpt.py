@@ -255,13 +255,6 @@ def sdpa(q, k, v, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def visible(Tq, Tk, window, q_offset=0, device=None):
-    """(Tq, Tk) bool: True where query i (at position q_offset + i) may see key j (causal, within the window)."""
-    q_pos = torch.arange(q_offset, q_offset + Tq, device=device).unsqueeze(1)
-    k_pos = torch.arange(Tk, device=device).unsqueeze(0)
-    return (k_pos <= q_pos) & (q_pos - k_pos <= window)
-
-
 def attention(q, k, v, window, q_offset=0):
     """
     Causal attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D), where query i sits at position q_offset + i
@@ -283,7 +276,10 @@ def attention(q, k, v, window, q_offset=0):
         return sdpa(q, k[:, :, start:q_offset + 1], v[:, :, start:q_offset + 1], enable_gqa=gqa)
     # An explicit mask for windows and for prefill over the KV cache. (SDPA's is_causal aligns the triangle top-left,
     # which is wrong when there are fewer queries than keys.)
-    return sdpa(q, k, v, attn_mask=visible(Tq, Tk, window, q_offset, q.device), enable_gqa=gqa)
+    q_pos = torch.arange(q_offset, q_offset + Tq, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(Tk, device=q.device).unsqueeze(0)
+    mask = (k_pos <= q_pos) & (q_pos - k_pos <= window)
+    return sdpa(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class CausalSelfAttention(nn.Module):
