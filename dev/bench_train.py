@@ -69,7 +69,7 @@ def main(argv=None):
         if device.type == "cuda":
             model.prepare_flex_attention()  # sliding windows through FlexAttention, as in base_train
         step_model = torch.compile(model, dynamic=False)
-        optimizer.compile_direction()
+        optimizer.compile()
     B, T = args.device_batch_size, args.max_seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)

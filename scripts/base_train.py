@@ -366,7 +366,7 @@ def main(argv=None):
         if device.type == "cuda":
             orig_model.prepare_flex_attention()  # sliding windows through FlexAttention inside the compiled model
         model = torch.compile(model, dynamic=False)
-        optimizer.compile_direction()
+        optimizer.compile()
 
     # --- data ---
     loader_states = resume[1]["dataloader_state_dicts"] if resume else [None] * data_ranks

@@ -172,7 +172,7 @@ def main(argv=None, stage="sft"):
     if device.type == "cuda":
         model.prepare_flex_attention(T)  # sliding windows through FlexAttention inside the compiled model
         step_model = torch.compile(model, dynamic=False)
-        optimizer.compile_direction()
+        optimizer.compile()
 
     if args.data == "offline" and args.chatcore_every > 0:
         print0("ChatCORE needs ARC, MMLU and GSM8K from the hub: not evaluated with --data=offline")

@@ -53,23 +53,34 @@ def test_muon_update_moves_weights_with_the_norm_it_promises():
     assert (second > 0).all() and momentum_buffer.abs().sum() > 0
 
 
-def test_compiled_muon_directions_step_as_the_eager_ones():
-    """compile_direction (the training scripts' call when they compile the model) changes speed, not the steps."""
+def test_compiled_updates_step_as_the_eager_ones_and_schedules_compile_nothing_new():
+    """compile() (the training scripts' call when they compile the model) changes speed, not the steps; and once each
+    shape has its graph, a schedule's new lr, momentum or weight decay (and AdamW's step count) compiles nothing."""
     torch.manual_seed(0)
-    start, grads = torch.randn(2, 32, 128) * 0.02, [torch.randn(2, 32, 128) for _ in range(3)]
+    start = [torch.randn(2, 32, 128) * 0.02, torch.randn(64, 16).bfloat16(), torch.randn(40, 16)]
+    grads = [[torch.randn(w.shape) for w in start] for _ in range(3)]
     results = []
     for compiled in (False, True):
-        params = [torch.nn.Parameter(w.clone()) for w in start]
-        optimizer = MuonAdamW([dict(kind="muon", params=params, lr=0.02, momentum=0.95, beta2=0.9, ns_steps=5,
-                                    weight_decay=0.1)])
+        muon = [torch.nn.Parameter(w.clone()) for w in start[0]]
+        tables = [torch.nn.Parameter(w.clone()) for w in start[1:]]  # a bf16 table with fp32 moments, an fp32 one
+        optimizer = MuonAdamW([dict(kind="muon", params=muon, lr=0.02, momentum=0.95, beta2=0.9, ns_steps=5, weight_decay=0.1),
+                               dict(kind="adamw", params=tables, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)])
         if compiled:
-            optimizer.compile_direction()
-        for g in grads:
-            for p, gp in zip(params, g):
-                p.grad = gp.clone()
-            optimizer.step()
-        results.append(torch.stack([p.detach() for p in params]))
-    assert not torch.equal(results[0], start) and torch.allclose(results[0], results[1], atol=1e-5)
+            optimizer.compile()
+        for i, g in enumerate(grads):
+            for p, gp in zip(muon + tables, list(g[0]) + g[1:]):
+                p.grad = gp.to(p.dtype)
+            with torch.compiler.set_stance("fail_on_recompile" if compiled and i > 0 else "default"):
+                optimizer.step()
+            for group in optimizer.param_groups:  # as the schedules change them
+                group["lr"] *= 0.7
+                group["weight_decay"] *= 0.5
+                group["momentum"] = group.get("momentum", 0) - 0.01
+        results.append([torch.stack([p.detach() for p in muon])] + [p.detach().float() for p in tables])
+    eager, fused = results
+    assert not torch.equal(eager[0], start[0]) and torch.allclose(eager[0], fused[0], atol=1e-5)
+    assert torch.allclose(eager[2], fused[2], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(eager[1], fused[1], rtol=8e-3) and not torch.equal(eager[1], start[1].float())
 
 
 def test_schedules():
