@@ -88,7 +88,7 @@ class ExecutionResult:
     success: bool  # exit code 0 within the limits
     stdout: str
     stderr: str
-    error: str = ""  # the last line of stderr, or what stopped the program
+    error: str = ""  # stderr's last unindented line (an exception's), or what stopped the program
     timeout: bool = False
     memory_exceeded: bool = False
 
@@ -153,7 +153,10 @@ def _run(code, timeout, memory_bytes, output_bytes, bwrap=None):
     elif "[Errno 27] File too large" in stderr:  # RLIMIT_FSIZE (Python ignores SIGXFSZ, so writes fail instead)
         error = "output limit exceeded"
     else:
-        error = lines[-1] if lines else ("" if proc.returncode == 0 else f"exit code {proc.returncode}")
+        # the exception's line: the last unindented one (processes that die together interleave their tracebacks, and
+        # the ones killed with the sandbox stop mid-way, so the very last line can be another's "  File ..." line)
+        said = [line for line in lines if line[:1] not in (" ", "\t") and not line.startswith("Traceback (")] or lines
+        error = said[-1] if said else ("" if proc.returncode == 0 else f"exit code {proc.returncode}")
     return ExecutionResult(success=proc.returncode == 0 and not timed_out, stdout=stdout, stderr=stderr, error=error,
                            timeout=timed_out, memory_exceeded=memory_exceeded)
 

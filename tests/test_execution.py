@@ -46,6 +46,17 @@ def test_exceptions_are_reported():
     assert not result.success and result.error == "ZeroDivisionError: division by zero"
 
 
+def test_the_error_is_the_exceptions_line_when_tracebacks_interleave():
+    """Processes dying together (a fork bomb's) interleave their tracebacks, and those killed with the sandbox stop
+    mid-way: the error is still an exception's line, not the last "  File ..." fragment."""
+    cut = 'Traceback (most recent call last):\\n  File "program.py", line 8, in <module>\\n'
+    code = f"import sys\nsys.stderr.write('{cut}BlockingIOError: [Errno 11] again\\n{cut}')\nsys.exit(1)"
+    result = execute_code(code)
+    assert not result.success and result.error == "BlockingIOError: [Errno 11] again"
+    only_cut = execute_code(f"import sys\nsys.stderr.write('{cut}')\nsys.exit(1)")  # no exception's line: the last line
+    assert only_cut.error == '  File "program.py", line 8, in <module>'
+
+
 def test_infinite_loop_is_killed():
     t0 = time.time()
     result = execute_code("while True:\n    pass", timeout=1.0)
