@@ -65,7 +65,7 @@ def main(argv=None):
     if args.fp8:
         enable_fp8(model)
     step_model = model
-    if args.compile == "1":  # as base_train compiles: the model, and Muon's directions
+    if args.compile == "1":  # as base_train compiles: the model, and the optimizer's updates
         if device.type == "cuda":
             model.prepare_flex_attention()  # sliding windows through FlexAttention, as in base_train
         step_model = torch.compile(model, dynamic=False)
