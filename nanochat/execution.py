@@ -88,7 +88,7 @@ class ExecutionResult:
     success: bool  # exit code 0 within the limits
     stdout: str
     stderr: str
-    error: str = ""  # stderr's last unindented line (an exception's), or what stopped the program
+    error: str = ""  # stderr's last unindented line but "Traceback (..." (else its last line), or what stopped it
     timeout: bool = False
     memory_exceeded: bool = False
 
